@@ -1,0 +1,9 @@
+"""healthcheck: will signal and gradients propagate well through your PyTorch model?"""
+
+from healthcheck.api import check, check_file
+from healthcheck.config import Config
+from healthcheck.errors import UsageError
+from healthcheck.records import Finding, Fix, Location, Report
+
+__version__ = "0.1.0"
+__all__ = ["Config", "Finding", "Fix", "Location", "Report", "UsageError", "check", "check_file", "__version__"]

@@ -1,0 +1,102 @@
+"""`check(model, example_inputs) -> Report`: the one entry point the CLI, plugins and users call."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from healthcheck.config import Config
+from healthcheck.errors import UsageError
+from healthcheck.graph.architecture import analyze
+from healthcheck.graph.tracers import TRACE_METHODS, forward_kwargs, tensors_of
+from healthcheck.guard import preserved
+from healthcheck.loading import as_call_args, expected_input
+from healthcheck.records import SEVERITIES, ModelInfo, Report
+from healthcheck.rules import RuleContext, run_rules
+
+
+def _shapes(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(t.shape) for t in tensors_of((args, kwargs)))
+
+
+def validate_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], where: str = "") -> None:
+    """Run the model once; turn a failure or a non-finite output into one clear UsageError."""
+    shapes = " and ".join(str(list(s)) for s in _shapes(args, kwargs)) or "no tensors"
+    try:
+        with torch.no_grad():
+            output = model(*args, **forward_kwargs(model, kwargs))
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises is the user's to see
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UsageError(f"{where}the model's forward raised {type(exc).__name__} on example input of shape "
+                         f"{shapes}: {message} ({expected_input(model)})") from exc
+    outputs = [t for t in tensors_of(output) if t.is_floating_point()]
+    if not outputs:
+        raise UsageError(f"{where}the model's forward returned no floating-point tensor")
+    if not all(bool(torch.isfinite(t).all()) for t in outputs):
+        raise UsageError(f"{where}the model's output contains NaN or Inf at initialization on example input "
+                         f"of shape {shapes}")
+
+
+def check(model: nn.Module, example_inputs: Any, *, config: Config | None = None, name: str | None = None,
+          **overrides: Any) -> Report:
+    """Analyze `model` on `example_inputs` and apply the rules.
+
+    `example_inputs`: a tensor, a tuple of positional inputs, a dict of keyword inputs, or
+    `(args, kwargs)`. Options (`fail_on`, `select`, `ignore`, `rule_options`, `trace`, `seed`)
+    override `config`. The model, its buffers, modes, grads, hooks and the global RNG are left
+    exactly as they were.
+    """
+    config = (config or Config()).override(**overrides)
+    args, kwargs = as_call_args(example_inputs)
+    if config.trace not in ("auto", *TRACE_METHODS):
+        raise UsageError(f"trace must be auto, {', '.join(TRACE_METHODS)}; not {config.trace!r}")
+    methods = TRACE_METHODS if config.trace == "auto" else (config.trace,)
+    start = time.perf_counter()
+    with preserved(model):
+        model.eval()
+        validate_forward(model, args, kwargs)
+        try:
+            architecture = analyze(model, args, kwargs, methods)
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f"could not trace the model ({', '.join(methods)}): {type(exc).__name__}: {exc}") from exc
+    findings = run_rules(RuleContext(architecture), config.select, config.ignore, config.rule_options)
+    findings.sort(key=lambda f: (SEVERITIES.index(f.severity), f.code))
+    info = ModelInfo(
+        name=name or type(model).__name__,
+        parameters=sum(p.numel() for p in model.parameters()),
+        trace=architecture.trace,
+        trace_failures=dict(architecture.trace_failures),
+        input_shapes=_shapes(args, kwargs),
+    )
+    return Report(info, architecture, findings, seconds=time.perf_counter() - start)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device}: CUDA is not available on this machine")
+    return resolved
+
+
+def check_file(spec: str, config: Config | None = None, device: str | torch.device = "cpu", **overrides: Any) -> Report:
+    """`check` on a model file, as the CLI does: `FILE[:NAME]`, config from its pyproject.toml."""
+    from healthcheck.config import load_config
+    from healthcheck.loading import load_target, split_spec
+
+    path, _ = split_spec(spec)
+    config = (config or load_config(path)).override(**overrides)
+    target_device = resolve_device(device)
+    with torch.random.fork_rng(devices=[]):  # seeded, reproducible init; the caller's RNG untouched
+        torch.manual_seed(config.seed)
+        target = load_target(spec, config.input_shapes, config.seed)
+    model = target.model.to(target_device)
+    args, kwargs = (tuple(a.to(target_device) if isinstance(a, torch.Tensor) else a for a in target.args),
+                    {k: v.to(target_device) if isinstance(v, torch.Tensor) else v for k, v in target.kwargs.items()})
+    return check(model, (args, kwargs), config=config, name=target.name)

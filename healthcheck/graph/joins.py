@@ -1,0 +1,250 @@
+"""Graph passes: find residual joins and describe them; measure depth.
+
+Pure functions of an `OpGraph`. A residual join is an add (or concat) whose operands both
+descend from one fork tensor: one through a skip path (the fork itself, or a short projection),
+the other through a deeper branch with weights and a nonlinearity. See design.md.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from healthcheck.graph.ir import NONLINEAR_OPS, PROJECTION_OPS, Category, OpGraph, OpNode
+
+#: Ops a skip path may pass through.
+_SKIP_PATH_OPS = PROJECTION_OPS | {Category.TRIVIAL, Category.SCALE}
+#: Ops that leave a tensor "the same" for following the trunk forwards or a branch backwards.
+_PASS_THROUGH = frozenset({Category.TRIVIAL, Category.SCALE})
+_MAX_SKIP_OPS = 8
+_MAX_SKIP_WEIGHTS = 1
+
+
+@dataclass(frozen=True)
+class Join:
+    id: str
+    kind: str  # "add" | "concat"
+    skip: str  # "identity" | "projection"
+    norm: str  # "branch" | "post" | "none"
+    pre_activation: bool
+    activation_after_join: bool
+    scale: float | None
+    learnable_gain: bool
+    module: str
+    source: str | None
+    # graph facts the JSON does not carry, used by rules and probes
+    node: int  # the add/concat op
+    fork: int  # the tensor both paths start from
+    skip_operand: int
+    branch_operand: int
+    branch_weights: int  # weight layers on the branch
+    branch_ends_nonnegative: bool  # branch output passes a ReLU/sigmoid last (HC105)
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id, "kind": self.kind, "skip": self.skip, "norm": self.norm,
+            "pre_activation": self.pre_activation,
+            "activation_after_join": self.activation_after_join,
+            "scale": self.scale, "learnable_gain": self.learnable_gain,
+            "module": self.module, "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    skip_operand: int
+    branch_operand: int
+    fork: int
+    skip_path: tuple[int, ...]  # ops between fork (exclusive) and skip operand (inclusive)
+    branch: frozenset[int]  # ops between fork (exclusive) and branch operand (inclusive)
+    skip_weights: int
+    branch_weights: int
+
+
+def _skip_path_candidates(graph: OpGraph, operand: int) -> list[tuple[int, tuple[int, ...]]]:
+    """(fork candidate, path) pairs walking back from a would-be skip operand."""
+    out = [(operand, ())]
+    path: list[int] = []
+    current = operand
+    while len(path) < _MAX_SKIP_OPS:
+        node = graph.nodes[current]
+        if node.category not in _SKIP_PATH_OPS or len(node.inputs) != 1:
+            break
+        path.append(current)
+        current = node.inputs[0]
+        out.append((current, tuple(path)))
+    return out
+
+
+def _branch_nodes(graph: OpGraph, anc: list[int], fork: int, operand: int) -> frozenset[int]:
+    """Ops that lie on some path fork -> operand (fork excluded)."""
+    seen = {operand}
+    stack = [operand]
+    while stack:
+        for i in graph.nodes[stack.pop()].inputs:
+            if i != fork and i not in seen and (anc[i] >> fork) & 1:
+                seen.add(i)
+                stack.append(i)
+    return frozenset(seen)
+
+
+def is_weight_layer(node: OpNode) -> bool:
+    """A layer with a learned weight matrix (attention modules like nn.MultiheadAttention too)."""
+    return node.category is Category.WEIGHT or (node.category is Category.ATTENTION and node.has_param)
+
+
+def _count_weights(graph: OpGraph, indices: Iterable[int]) -> int:
+    return sum(1 for i in indices if is_weight_layer(graph.nodes[i]))
+
+
+def _best_candidate(graph: OpGraph, anc: list[int], index: int) -> _Candidate | None:
+    node = graph.nodes[index]
+    best: _Candidate | None = None
+    for a in node.inputs:
+        for fork, path in _skip_path_candidates(graph, a):
+            if len(path) > 0 and _count_weights(graph, path) > _MAX_SKIP_WEIGHTS:
+                break
+            if node.category is Category.CONCAT and any(graph.nodes[i].category is not Category.TRIVIAL for i in path):
+                break
+            branch_operands = [b for b in node.inputs if b != a and (anc[b] >> fork) & 1]
+            if not branch_operands:
+                continue
+            for b in branch_operands:
+                branch = _branch_nodes(graph, anc, fork, b)
+                weights = _count_weights(graph, branch)
+                nonlinear = any(graph.nodes[i].category in NONLINEAR_OPS or graph.nodes[i].category is Category.NORM for i in branch)
+                skip_weights = _count_weights(graph, path)
+                deep = weights >= 1 and (nonlinear or weights >= 2)
+                if not deep or weights <= skip_weights:
+                    continue
+                cand = _Candidate(a, b, fork, path, branch, skip_weights, weights)
+                key = (cand.skip_weights, len(cand.skip_path), -cand.branch_weights)
+                if best is None or key < (best.skip_weights, len(best.skip_path), -best.branch_weights):
+                    best = cand
+            break  # the nearest fork on this operand's skip path decides
+    return best
+
+
+def _downstream(graph: OpGraph, index: int) -> list[int]:
+    """First ops after `index` that are not reshapes, dropout or constant scaling."""
+    out, stack, seen = [], list(graph.consumers[index]), set()
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        if graph.nodes[i].category in _PASS_THROUGH and graph.nodes[i].scalar is None and not graph.nodes[i].param_operand:
+            stack.extend(graph.consumers[i])
+        else:
+            out.append(i)
+    return out
+
+
+def _branch_tail(graph: OpGraph, operand: int, branch: frozenset[int]) -> tuple[list[int], int]:
+    """Pass-through ops at the end of the branch, and the first real op before them."""
+    tail, current = [], operand
+    while graph.nodes[current].category in _PASS_THROUGH and current in branch:
+        tail.append(current)
+        if len(graph.nodes[current].inputs) != 1:
+            break
+        current = graph.nodes[current].inputs[0]
+    return tail, current
+
+
+def _branch_entries(graph: OpGraph, fork: int, branch: frozenset[int]) -> list[int]:
+    entries, stack, seen = [], [c for c in graph.consumers[fork] if c in branch], set()
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        if graph.nodes[i].category is Category.TRIVIAL:
+            stack.extend(c for c in graph.consumers[i] if c in branch)
+        else:
+            entries.append(i)
+    return entries
+
+
+def _describe(graph: OpGraph, index: int, cand: _Candidate) -> dict:
+    nodes = graph.nodes
+    node = nodes[index]
+    skip = "projection" if any(nodes[i].category in PROJECTION_OPS for i in cand.skip_path) else "identity"
+    after = _downstream(graph, index)
+    if any(nodes[i].category is Category.NORM for i in cand.branch):
+        norm = "branch"
+    elif after and all(nodes[i].category is Category.NORM for i in after):
+        norm = "post"
+    else:
+        norm = "none"
+    entries = _branch_entries(graph, cand.fork, cand.branch)
+    pre_activation = bool(entries) and all(nodes[i].category is Category.NORM for i in entries)
+    if not pre_activation and skip == "projection":
+        # Pre-activation blocks with a projection shortcut fork after the shared norm -> act.
+        fork = nodes[cand.fork]
+        if fork.category is Category.ACT and len(fork.inputs) == 1:
+            fork = nodes[fork.inputs[0]]
+        pre_activation = fork.category is Category.NORM and any(
+            nodes[i].category in (Category.ADD, Category.CONCAT) for i in fork.inputs)
+    tail, last_real = _branch_tail(graph, cand.branch_operand, cand.branch)
+    branch_scale = next((nodes[i].scalar for i in tail if nodes[i].scalar is not None), None)
+    learnable_gain = any(nodes[i].param_operand for i in tail)
+    sum_scale = None
+    consumers = graph.consumers[index]
+    if len(consumers) == 1 and nodes[consumers[0]].category is Category.SCALE:
+        sum_scale = nodes[consumers[0]].scalar
+    return {
+        "kind": "concat" if node.category is Category.CONCAT else "add",
+        "skip": skip, "norm": norm, "pre_activation": pre_activation,
+        "activation_after_join": bool(after) and all(nodes[i].category is Category.ACT for i in after),
+        "scale": sum_scale if sum_scale is not None else branch_scale,
+        "learnable_gain": learnable_gain,
+        "branch_ends_nonnegative": nodes[last_real].category is Category.ACT and nodes[last_real].nonnegative,
+    }
+
+
+def find_joins(graph: OpGraph) -> list[Join]:
+    """Every residual join, in forward order."""
+    anc = graph.ancestors()
+    found = []
+    for node in graph.nodes:
+        if node.category not in (Category.ADD, Category.CONCAT) or len(node.inputs) < 2:
+            continue
+        cand = _best_candidate(graph, anc, node.index)
+        if cand is not None:
+            found.append((node, cand, _describe(graph, node.index, cand)))
+    per_module = Counter(node.module for node, _, _ in found)
+    seen: Counter[str] = Counter()
+    joins = []
+    for node, cand, facts in found:
+        name = node.module or "(root)"
+        if per_module[node.module] > 1:
+            name = f"{name}#{seen[node.module]}"
+            seen[node.module] += 1
+        joins.append(Join(
+            id=name, module=node.module, source=node.source, node=node.index, fork=cand.fork,
+            skip_operand=cand.skip_operand, branch_operand=cand.branch_operand,
+            branch_weights=cand.branch_weights, **facts,
+        ))
+    return joins
+
+
+def weight_depth(graph: OpGraph) -> int:
+    """Weight layers on the longest input -> output path (resnet18: 18, vgg11: 11)."""
+    depth = [0] * len(graph.nodes)
+    for node in graph.nodes:
+        depth[node.index] = max((depth[i] for i in node.inputs), default=0) + is_weight_layer(node)
+    return max((depth[i] for i in graph.outputs), default=0)
+
+
+def plain_depth(graph: OpGraph, joins: list[Join]) -> tuple[int, int | None]:
+    """Longest run of weight layers with no residual join anywhere along it, and its last op."""
+    join_nodes = {j.node for j in joins}
+    depth = [0] * len(graph.nodes)
+    for node in graph.nodes:
+        if node.index not in join_nodes:
+            depth[node.index] = max((depth[i] for i in node.inputs), default=0) + is_weight_layer(node)
+    if not depth:
+        return 0, None
+    end = max(range(len(depth)), key=depth.__getitem__)
+    return depth[end], end

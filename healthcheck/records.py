@@ -1,0 +1,85 @@
+"""The records every part of healthcheck passes around. Reporters read them, never compute."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SEVERITIES = ("error", "warning", "info")
+SCHEMA = "healthcheck/1"
+
+
+@dataclass(frozen=True)
+class Location:
+    module: str
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class Fix:
+    summary: str
+    transform: str | None = None
+    verified: dict[str, Any] | None = None  # {"before": {...}, "after": {...}}
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: str
+    message: str
+    location: Location
+    evidence: dict[str, Any] = field(default_factory=dict)
+    fix: Fix | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "code": self.code, "severity": self.severity, "message": self.message,
+            "location": {"module": self.location.module, "source": self.location.source},
+            "evidence": self.evidence,
+            "fix": None if self.fix is None else {
+                "summary": self.fix.summary, "transform": self.fix.transform, "verified": self.fix.verified},
+        }
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    parameters: int
+    trace: str  # "fx" | "export" | "hooks"
+    trace_failures: dict[str, str] = field(default_factory=dict)
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclass
+class Report:
+    model: ModelInfo
+    architecture: Any  # healthcheck.graph.architecture.Architecture
+    findings: list[Finding]
+    profile: list[dict[str, Any]] = field(default_factory=list)
+    grad_correlation: float | None = None
+    seconds: float = 0.0
+
+    def count(self, severity: str) -> int:
+        return sum(1 for f in self.findings if f.severity == severity)
+
+    def summary(self) -> dict[str, int]:
+        return {s: self.count(s) for s in SEVERITIES}
+
+    def fails(self, fail_on: str) -> bool:
+        """True when a finding is at or above `fail_on` ("error", "warning", "info" or "never")."""
+        if fail_on == "never":
+            return False
+        levels = SEVERITIES[: SEVERITIES.index(fail_on) + 1]
+        return any(f.severity in levels for f in self.findings)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "model": {"name": self.model.name, "parameters": self.model.parameters, "trace": self.model.trace,
+                      "trace_failures": self.model.trace_failures,
+                      "input_shapes": [list(s) for s in self.model.input_shapes]},
+            "architecture": self.architecture.to_json(),
+            "measurements": {"profile": self.profile, "grad_correlation": self.grad_correlation},
+            "findings": [f.to_json() for f in self.findings],
+            "summary": self.summary(),
+        }

@@ -1,0 +1,151 @@
+"""The terminal report: a header, joins grouped by stage, findings coloured by severity."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections import Counter
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from rich.theme import Theme
+
+from healthcheck.graph.joins import Join
+from healthcheck.records import Finding, Report
+from healthcheck.rules.structure import short_source
+
+THEME = Theme({
+    "hc.error": "bold red", "hc.warning": "yellow", "hc.info": "cyan", "hc.ok": "green",
+    "hc.dim": "dim", "hc.code": "bold", "hc.fix": "green",
+})
+_MARK = {"error": "✖", "warning": "▲", "info": "●"}
+
+
+def stage_of(module: str) -> str:
+    """'layer1.0' -> 'layer1', 'encoder.layer.3.output' -> 'encoder.layer', 'features.1.0' -> 'features.1'."""
+    parts = module.split(".")
+    digits = [i for i, p in enumerate(parts) if p.isdigit()]
+    if digits:
+        return ".".join(parts[: digits[-1]]) or "(root)"
+    if parts and re.search(r"\d+$", parts[-1]) and len(parts) > 1:
+        return ".".join(parts[:-1])
+    return module or "(root)"
+
+
+def _summarize(values: list[Any]) -> str:
+    counts = Counter("-" if v is None else ("yes" if v is True else "no" if v is False else
+                                            (f"{v:.3g}" if isinstance(v, float) else str(v))) for v in values)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return " · ".join(f"{n} {v}" for v, n in counts.most_common())
+
+
+def short_path(source: str | None) -> str:
+    if not source:
+        return "-"
+    path, _, line = source.rpartition(":")
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        rel = path
+    if rel.startswith(".."):
+        rel = os.path.join(*path.split(os.sep)[-2:])
+    return f"{rel}:{line}"
+
+
+def joins_table(joins: tuple[Join, ...]) -> Table:
+    table = Table(title="Residual joins", title_justify="left", show_edge=False, header_style="bold", pad_edge=False)
+    table.add_column("stage", overflow="fold", ratio=2)
+    for column in ("joins", "kind", "skip", "norm", "pre-act", "act after", "scale", "gain"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("joins", "kind", "norm", "scale", "gain"))
+    table.add_column("source", overflow="fold", ratio=2)
+    stages: dict[str, list[Join]] = {}
+    for j in joins:
+        stages.setdefault(stage_of(j.module), []).append(j)
+    for stage, group in stages.items():
+        sources = sorted({short_source(j.source) for j in group if j.source})
+        table.add_row(
+            Text(stage), str(len(group)), _summarize([j.kind for j in group]),
+            _summarize([j.skip for j in group]), _summarize([j.norm for j in group]),
+            _summarize([j.pre_activation for j in group]), _summarize([j.activation_after_join for j in group]),
+            _summarize([j.scale for j in group]), _summarize([j.learnable_gain for j in group]),
+            Text(", ".join(sources) or "-"),
+        )
+    return table
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        shown = ", ".join(_format_value(v) for v in value[:4])
+        return f"[{shown}{', …' if len(value) > 4 else ''}]" + (f" ({len(value)})" if len(value) > 4 else "")
+    return str(value)
+
+
+def finding_text(f: Finding) -> Text:
+    text = Text()
+    text.append(f"{_MARK[f.severity]} {f.severity:<7} ", style=f"hc.{f.severity}")
+    text.append(f.code, style="hc.code")
+    text.append(f"  {f.message}\n")
+    where = f.location.module or "(root)"
+    if f.location.source:
+        where += f"  ({short_path(f.location.source)})"
+    text.append(f"    at {where}\n", style="hc.dim")
+    if f.evidence:
+        evidence = " · ".join(f"{k}={_format_value(v)}" for k, v in f.evidence.items())
+        text.append(f"    evidence: {evidence}\n", style="hc.dim")
+    if f.fix is not None:
+        text.append("    fix: ", style="hc.fix")
+        text.append(f"{f.fix.summary}\n")
+    return text
+
+
+def render_text(report: Report, *, color: bool = False, verbose: bool = False, width: int | None = None) -> str:
+    buffer = io.StringIO()
+    console = Console(file=buffer, theme=THEME, force_terminal=color, no_color=not color,
+                      width=width or 120, highlight=False, soft_wrap=False)
+    write_text(report, console, verbose=verbose)
+    return buffer.getvalue()
+
+
+def write_text(report: Report, console: Console, *, verbose: bool = False) -> None:
+    arch, model = report.architecture, report.model
+    header = Text()
+    header.append(model.name, style="bold")
+    header.append(f" · {model.parameters / 1e6:.3g}M parameters · traced with {model.trace}"
+                  f" · {len(arch.joins)} residual joins · depth {arch.depth}"
+                  f" · {report.seconds:.2f} s", style="hc.dim")
+    console.print(header)
+    if verbose:
+        for method, why in model.trace_failures.items():
+            console.print(Text(f"  {method} tracing failed: {why}", style="hc.dim"))
+        norms = ", ".join(f"{k}×{v}" for k, v in arch.norm_layers.items()) or "none"
+        console.print(Text(f"  normalization layers: {norms}; longest run without skips: "
+                           f"{arch.plain_depth} weight layers", style="hc.dim"))
+    if model.trace == "hooks":
+        console.print(Text("  note: fx and torch.export could not follow the model; the graph was recorded "
+                           "from one real forward pass (run with --verbose for why)", style="hc.warning"))
+    console.print()
+    if arch.joins:
+        console.print(joins_table(arch.joins))
+    else:
+        console.print(Text("No residual joins: every layer feeds the next (a plain stack).", style="hc.dim"))
+    console.print()
+    if report.findings:
+        console.print(Text("Findings", style="bold"))
+        for f in report.findings:
+            console.print(finding_text(f), end="")
+    summary = report.summary()
+    line = Text()
+    if not report.findings:
+        line.append("✔ no findings", style="hc.ok")
+    else:
+        parts = [(f"{summary[s]} {s}{'s' if summary[s] != 1 and s != 'info' else ''}", f"hc.{s}")
+                 for s in ("error", "warning", "info") if summary[s]]
+        for i, (part, style) in enumerate(parts):
+            line.append((", " if i else "") + part, style=style)
+    console.print(line)
