@@ -153,13 +153,15 @@ def _branch_tail(graph: OpGraph, operand: int, branch: frozenset[int]) -> tuple[
 
 
 def _branch_entries(graph: OpGraph, fork: int, branch: frozenset[int]) -> list[int]:
+    """First real ops of the branch: reshapes are looked through, and so are inner joins that
+    consume the fork directly (DenseNet's earlier concats), since the branch starts after them."""
     entries, stack, seen = [], [c for c in graph.consumers[fork] if c in branch], set()
     while stack:
         i = stack.pop()
         if i in seen:
             continue
         seen.add(i)
-        if graph.nodes[i].category is Category.TRIVIAL:
+        if graph.nodes[i].category in (Category.TRIVIAL, Category.ADD, Category.CONCAT):
             stack.extend(c for c in graph.consumers[i] if c in branch)
         else:
             entries.append(i)

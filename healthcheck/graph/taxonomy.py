@@ -85,7 +85,7 @@ def classify_op(name: str, data_arity: int) -> Category:
     if name in _DIV_OPS:
         return Category.OTHER if data_arity >= 2 else Category.SCALE
     if name in _CAT_OPS:
-        return Category.CONCAT
+        return Category.CONCAT if data_arity >= 2 else Category.TRIVIAL
     if name in _ACT_OPS:
         return Category.ACT
     if name in _ATTENTION_OPS:

@@ -56,24 +56,25 @@ def short_path(source: str | None) -> str:
     return f"{rel}:{line}"
 
 
-def joins_table(joins: tuple[Join, ...]) -> Table:
+def joins_table(joins: tuple[Join, ...], with_source: bool = True) -> Table:
     table = Table(title="Residual joins", title_justify="left", show_edge=False, header_style="bold", pad_edge=False)
-    table.add_column("stage", overflow="fold", ratio=2)
-    for column in ("joins", "kind", "skip", "norm", "pre-act", "act after", "scale", "gain"):
-        table.add_column(column, overflow="fold", no_wrap=column in ("joins", "kind", "norm", "scale", "gain"))
-    table.add_column("source", overflow="fold", ratio=2)
+    columns = ["stage", "joins", "skip", "norm", "pre-act", "act after", "scale", "gain"] + (["source"] if with_source else [])
+    for column in columns:
+        table.add_column(column, overflow="fold", no_wrap=column in ("joins", "norm", "scale", "gain", "pre-act"))
     stages: dict[str, list[Join]] = {}
     for j in joins:
         stages.setdefault(stage_of(j.module), []).append(j)
     for stage, group in stages.items():
-        sources = sorted({short_source(j.source) for j in group if j.source})
-        table.add_row(
-            Text(stage), str(len(group)), _summarize([j.kind for j in group]),
+        kinds = Counter(j.kind for j in group)
+        row = [
+            Text(stage), " · ".join(f"{n} {k}" for k, n in kinds.items()),
             _summarize([j.skip for j in group]), _summarize([j.norm for j in group]),
             _summarize([j.pre_activation for j in group]), _summarize([j.activation_after_join for j in group]),
             _summarize([j.scale for j in group]), _summarize([j.learnable_gain for j in group]),
-            Text(", ".join(sources) or "-"),
-        )
+        ]
+        if with_source:
+            row.append(Text(", ".join(sorted({short_source(j.source) for j in group if j.source})) or "-"))
+        table.add_row(*row)
     return table
 
 
@@ -131,7 +132,7 @@ def write_text(report: Report, console: Console, *, verbose: bool = False) -> No
                            "from one real forward pass (run with --verbose for why)", style="hc.warning"))
     console.print()
     if arch.joins:
-        console.print(joins_table(arch.joins))
+        console.print(joins_table(arch.joins, with_source=console.width >= 110))
     else:
         console.print(Text("No residual joins: every layer feeds the next (a plain stack).", style="hc.dim"))
     console.print()
