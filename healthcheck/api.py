@@ -12,7 +12,8 @@ from torch import nn
 from healthcheck.config import Config
 from healthcheck.errors import UsageError
 from healthcheck.graph.architecture import analyze
-from healthcheck.graph.tracers import TRACE_METHODS, forward_kwargs, tensors_of
+from healthcheck.graph.tracers import TRACE_METHODS
+from healthcheck.tensors import forward_kwargs, tensors_of
 from healthcheck.guard import preserved
 from healthcheck.loading import as_call_args, expected_input
 from healthcheck.records import SEVERITIES, ModelInfo, Report

@@ -9,20 +9,16 @@
 
 from __future__ import annotations
 
-import inspect
-from functools import partial
-import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.overrides import TorchFunctionMode
 
-from healthcheck.graph import taxonomy
 from healthcheck.graph.build import graph_from_fx
-from healthcheck.graph.ir import Category, OpGraph, OpNode
+from healthcheck.graph.ir import OpGraph
+from healthcheck.graph.recorder import record
+from healthcheck.tensors import forward_kwargs, tensors_of
 
 TRACE_METHODS = ("fx", "export", "hooks")
 
@@ -32,30 +28,6 @@ class TraceResult:
     graph: OpGraph
     method: str  # "fx" | "export" | "hooks"
     failures: dict[str, str] = field(default_factory=dict)  # method -> why it failed
-
-
-def tensors_of(value: Any) -> list[torch.Tensor]:
-    """Every tensor in a model output: tensors, tuples, dicts, HF ModelOutput, dataclasses."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in tensors_of(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in tensors_of(v)]
-    if is_dataclass(value) and not isinstance(value, type):
-        return [t for f in fields(value) for t in tensors_of(getattr(value, f.name, None))]
-    return []
-
-
-def forward_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Ask models that cache (HF decoders) not to: a cache is not a tensor output."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    if "use_cache" in params and "use_cache" not in kwargs:
-        return {**kwargs, "use_cache": False}
-    return kwargs
 
 
 def _meta_like(value: Any) -> Any:
@@ -137,106 +109,9 @@ def trace_export(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> OpGra
     return graph_from_fx(graph, model, lambda n: n.meta.get("val"), inputs, params, module_prefix="model")
 
 
-class _OpRecorder(TorchFunctionMode):
-    """Records every torch function call whose operands include model data."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.nodes: list[OpNode] = []
-        self.data: dict[int, int] = {}  # id(tensor) -> node index
-        self.keep: list[Any] = []  # keeps recorded tensors alive so ids stay unique
-        self.params = {id(p) for p in model.parameters()}
-        self.param_derived: set[int] = set()
-        self.module_stack: list[tuple[str, nn.Module]] = [("", model)]
-
-    def add_input(self, tensor: torch.Tensor) -> None:
-        self._bind(tensor, OpNode(len(self.nodes), Category.INPUT, "input", shape=tuple(tensor.shape)))
-
-    def _bind(self, value: Any, node: OpNode) -> None:
-        if node.index == len(self.nodes):
-            self.nodes.append(node)
-        for t in tensors_of(value):
-            self.data[id(t)] = node.index
-            self.keep.append(t)
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
-        name = taxonomy.normalize_op_name(getattr(func, "__name__", str(func)))
-        operands = _flatten((args, kwargs))
-        data_inputs = tuple(dict.fromkeys(self.data[id(a)] for a in operands if isinstance(a, torch.Tensor) and id(a) in self.data))
-        touches_param = any(isinstance(a, torch.Tensor) and (id(a) in self.params or id(a) in self.param_derived) for a in operands)
-        out_tensors = tensors_of(result)
-        if not data_inputs or name in taxonomy.VALUE_INDEPENDENT_OPS or not out_tensors:
-            if touches_param:
-                self.param_derived.update(id(t) for t in out_tensors)
-                self.keep.extend(out_tensors)
-            return result
-        path, module = self.module_stack[-1]
-        category = taxonomy.override_by_enclosing(module, taxonomy.classify_op(name, len(data_inputs)))
-        if touches_param and category is Category.OTHER:
-            category = Category.WEIGHT
-        scalar = None
-        if category is Category.SCALE:
-            nums = [a for a in operands if isinstance(a, (int, float)) and not isinstance(a, bool)]
-            if nums:
-                scalar = float(nums[0])
-                if name in ("div", "truediv", "itruediv", "rtruediv") and scalar != 0:
-                    scalar = 1.0 / scalar
-        source = _user_source() if category in (Category.ADD, Category.CONCAT) else None
-        node = OpNode(
-            index=len(self.nodes), category=category, op=name, inputs=data_inputs, module=path,
-            module_type=type(module).__name__, source=source, has_param=touches_param,
-            scalar=scalar, param_operand=category is Category.SCALE and touches_param,
-            nonnegative=taxonomy.is_nonnegative_op(name), shape=tuple(out_tensors[0].shape),
-        )
-        self._bind(result, node)
-        return result
-
-
-def _flatten(value: Any) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        return [x for v in value for x in _flatten(v)]
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in _flatten(v)]
-    return [value]
-
-
-def _user_source() -> str | None:
-    frame = sys._getframe(2)
-    while frame is not None:
-        if taxonomy.is_user_frame(frame.f_code.co_filename):
-            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
-        frame = frame.f_back
-    return None
-
-
-def _enter(stack: list, name: str, module: nn.Module, args: Any) -> None:
-    stack.append((name, module))
-
-
-def _leave(stack: list, module: nn.Module, args: Any, output: Any) -> None:
-    stack.pop()
-
-
 def trace_hooks(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> OpGraph:
-    recorder = _OpRecorder(model)
-    handles = []
-    for name, module in model.named_modules():
-        if module is model:
-            continue
-        handles.append(module.register_forward_pre_hook(partial(_enter, recorder.module_stack, name)))
-        handles.append(module.register_forward_hook(partial(_leave, recorder.module_stack)))
-    for t in tensors_of((args, kwargs)):
-        recorder.add_input(t)
-    try:
-        with torch.no_grad(), recorder:
-            output = model(*args, **forward_kwargs(model, kwargs))
-    finally:
-        for h in handles:
-            h.remove()
-    outputs = tuple(dict.fromkeys(recorder.data[id(t)] for t in tensors_of(output) if id(t) in recorder.data))
-    return OpGraph(recorder.nodes, outputs)
+    with torch.no_grad():
+        return record(model, args, forward_kwargs(model, kwargs)).graph
 
 
 def trace(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,

@@ -1,0 +1,153 @@
+"""Run a model and record every op on its data: the hooks-only tracer, and the probes' eyes.
+
+A `TorchFunctionMode` sees every torch function and tensor method the model calls, with the real
+tensors; forward pre/post hooks keep the module stack. Data flow is followed by tensor identity.
+An optional `Observer` sees each recorded op with its operands and output while the model runs
+(to take statistics, register gradient hooks, or replace the output, e.g. with a dual tensor).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from healthcheck.graph import taxonomy
+from healthcheck.graph.ir import Category, OpGraph, OpNode
+from healthcheck.tensors import tensors_of
+
+_DROPOUT_OPS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
+                "dropout3d"}
+
+
+class Observer(Protocol):
+    def on_node(self, node: OpNode, result: Any, operands: list[torch.Tensor]) -> Any:
+        """Called after each recorded op; return a replacement output, or None to keep it."""
+
+
+@dataclass
+class Recording:
+    graph: OpGraph
+    output: Any
+
+
+class _OpRecorder(TorchFunctionMode):
+    def __init__(self, model: nn.Module, observer: Observer | None = None, skip_dropout: bool = False,
+                 replacements: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.nodes: list[OpNode] = []
+        self.data: dict[int, int] = {}  # id(tensor) -> node index
+        self.keep: list[Any] = []  # keeps recorded tensors alive so ids stay unique
+        self.params = {id(p) for p in model.parameters()}
+        self.param_derived: set[int] = set()
+        self.module_stack: list[tuple[str, nn.Module]] = [("", model)]
+        self.observer = observer
+        self.skip_dropout = skip_dropout
+        self.replacements = replacements or {}
+
+    def add_input(self, tensor: torch.Tensor) -> None:
+        self._bind(tensor, OpNode(len(self.nodes), Category.INPUT, "input", shape=tuple(tensor.shape)))
+
+    def _bind(self, value: Any, node: OpNode) -> None:
+        if node.index == len(self.nodes):
+            self.nodes.append(node)
+        for t in tensors_of(value):
+            self.data[id(t)] = node.index
+            self.keep.append(t)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = taxonomy.normalize_op_name(getattr(func, "__name__", str(func)))
+        operands = _flatten((args, kwargs))
+        data_operands = [a for a in operands if isinstance(a, torch.Tensor) and id(a) in self.data]
+        if self.skip_dropout and name in _DROPOUT_OPS and data_operands:
+            result = args[0]
+        elif name in self.replacements and data_operands:
+            result = self.replacements[name](*args, **kwargs)
+        else:
+            result = func(*args, **kwargs)
+        data_inputs = tuple(dict.fromkeys(self.data[id(a)] for a in data_operands))
+        touches_param = any(isinstance(a, torch.Tensor) and (id(a) in self.params or id(a) in self.param_derived)
+                            for a in operands)
+        out_tensors = tensors_of(result)
+        if not data_inputs or name in taxonomy.VALUE_INDEPENDENT_OPS or not out_tensors:
+            if touches_param:
+                self.param_derived.update(id(t) for t in out_tensors)
+                self.keep.extend(out_tensors)
+            return result
+        path, module = self.module_stack[-1]
+        category = taxonomy.override_by_enclosing(module, taxonomy.classify_op(name, len(data_inputs)))
+        if touches_param and category is Category.OTHER:
+            category = Category.WEIGHT
+        scalar = None
+        if category is Category.SCALE:
+            nums = [a for a in operands if isinstance(a, (int, float)) and not isinstance(a, bool)]
+            if nums:
+                scalar = float(nums[0])
+                if name in ("div", "truediv", "itruediv") and scalar != 0:
+                    scalar = 1.0 / scalar
+        node = OpNode(
+            index=len(self.nodes), category=category, op=name, inputs=data_inputs, module=path,
+            module_type=type(module).__name__,
+            source=_user_source() if category in (Category.ADD, Category.CONCAT) else None,
+            has_param=touches_param, scalar=scalar, param_operand=category is Category.SCALE and touches_param,
+            nonnegative=taxonomy.is_nonnegative_op(name), shape=tuple(out_tensors[0].shape),
+        )
+        if self.observer is not None:
+            replaced = self.observer.on_node(node, result, data_operands)
+            if replaced is not None:
+                result = replaced
+        self._bind(result, node)
+        return result
+
+
+def _flatten(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flatten(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flatten(v)]
+    return [value]
+
+
+def _user_source() -> str | None:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if taxonomy.is_user_frame(frame.f_code.co_filename):
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+def _enter(stack: list, name: str, module: nn.Module, args: Any) -> None:
+    stack.append((name, module))
+
+
+def _leave(stack: list, module: nn.Module, args: Any, output: Any) -> None:
+    stack.pop()
+
+
+def record(model: nn.Module, args: tuple, kwargs: dict[str, Any], observer: Observer | None = None,
+           skip_dropout: bool = False, replacements: dict[str, Any] | None = None) -> Recording:
+    """Run `model(*args, **kwargs)` once and record its ops. Grad mode is the caller's."""
+    recorder = _OpRecorder(model, observer, skip_dropout, replacements)
+    handles = []
+    for name, module in model.named_modules():
+        if module is model:
+            continue
+        handles.append(module.register_forward_pre_hook(partial(_enter, recorder.module_stack, name)))
+        handles.append(module.register_forward_hook(partial(_leave, recorder.module_stack)))
+    for t in tensors_of((args, kwargs)):
+        recorder.add_input(t)
+    try:
+        with recorder:
+            output = model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    outputs = tuple(dict.fromkeys(recorder.data[id(t)] for t in tensors_of(output) if id(t) in recorder.data))
+    return Recording(OpGraph(recorder.nodes, outputs), output)
