@@ -26,8 +26,9 @@ _DROPOUT_OPS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dr
 
 
 class Observer(Protocol):
-    def on_node(self, node: OpNode, result: Any, operands: list[torch.Tensor]) -> Any:
-        """Called after each recorded op; return a replacement output, or None to keep it."""
+    def on_node(self, node: OpNode, result: Any, operands: list[tuple[int, torch.Tensor]]) -> Any:
+        """Called after each recorded op with its (node index, tensor) data operands; return a
+        replacement output, or None to keep it."""
 
 
 @dataclass
@@ -99,7 +100,7 @@ class _OpRecorder(TorchFunctionMode):
             nonnegative=taxonomy.is_nonnegative_op(name), shape=tuple(out_tensors[0].shape),
         )
         if self.observer is not None:
-            replaced = self.observer.on_node(node, result, data_operands)
+            replaced = self.observer.on_node(node, result, [(self.data[id(a)], a) for a in data_operands])
             if replaced is not None:
                 result = replaced
         self._bind(result, node)

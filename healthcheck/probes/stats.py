@@ -1,0 +1,55 @@
+"""Statistics of one activation tensor, reduced on its device (no host sync)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def second_moment(x: torch.Tensor) -> torch.Tensor:
+    """E[x²] over all elements: the seeds' 'variance' (a batch estimate over random inits)."""
+    return x.detach().float().pow(2).mean()
+
+
+def channel_vectors(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """One row per input and position, one column per channel."""
+    x = x.detach().float()
+    if x.dim() == 1:
+        return x.unsqueeze(1)
+    return x.movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim])
+
+
+def effective_ranks(x: torch.Tensor, channel_dim: int, max_vectors: int,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Labatie's Σλ/λ_max, participation ratio (Σλ)²/Σλ²), both divided by min(vectors, channels).
+
+    λ are the eigenvalues of the covariance of centred channel vectors, taken from the smaller
+    Gram matrix; vectors are subsampled to `max_vectors` rows for large feature maps.
+    """
+    v = channel_vectors(x, channel_dim)
+    if v.shape[0] > max_vectors:
+        index = torch.randperm(v.shape[0], generator=generator, device="cpu")[:max_vectors].to(v.device)
+        v = v.index_select(0, index)
+    v = v - v.mean(dim=0, keepdim=True)
+    n, c = v.shape
+    gram = v @ v.T if n <= c else v.T @ v
+    lam = torch.linalg.eigvalsh(gram.double()).clamp(min=0)
+    total = lam.sum()
+    size = min(n, c)
+    tiny = torch.finfo(torch.float64).tiny
+    labatie = total / lam.max().clamp(min=tiny) / size
+    participation = total.pow(2) / lam.pow(2).sum().clamp(min=tiny) / size
+    return labatie.float(), participation.float()
+
+
+def centred_norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x − x̄‖ with x̄ the mean over the batch (dim 0)."""
+    x = x.detach().float()
+    return (x - x.mean(dim=0, keepdim=True)).norm()
+
+
+def neighbour_correlation(grads: torch.Tensor) -> torch.Tensor:
+    """Mean Pearson correlation between consecutive rows (gradients at neighbouring inputs)."""
+    g = grads.detach().float().reshape(grads.shape[0], -1)
+    g = g - g.mean(dim=1, keepdim=True)
+    g = g / g.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    return (g[:-1] * g[1:]).sum(dim=1).mean()
