@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,11 +12,12 @@ from healthcheck.config import Config
 from healthcheck.errors import UsageError
 from healthcheck.graph.architecture import analyze
 from healthcheck.graph.tracers import TRACE_METHODS
-from healthcheck.tensors import forward_kwargs, tensors_of
 from healthcheck.guard import preserved
 from healthcheck.loading import as_call_args, expected_input
+from healthcheck.probes import ProbeOptions, measure
 from healthcheck.records import SEVERITIES, ModelInfo, Report
 from healthcheck.rules import RuleContext, run_rules
+from healthcheck.tensors import forward_kwargs, tensors_of
 
 
 def _shapes(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
@@ -43,13 +43,14 @@ def validate_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], wher
 
 
 def check(model: nn.Module, example_inputs: Any, *, config: Config | None = None, name: str | None = None,
-          **overrides: Any) -> Report:
+          probes: bool = True, loss_fn: Any = None, **overrides: Any) -> Report:
     """Analyze `model` on `example_inputs` and apply the rules.
 
     `example_inputs`: a tensor, a tuple of positional inputs, a dict of keyword inputs, or
     `(args, kwargs)`. Options (`fail_on`, `select`, `ignore`, `rule_options`, `trace`, `seed`)
-    override `config`. The model, its buffers, modes, grads, hooks and the global RNG are left
-    exactly as they were.
+    override `config`. `probes=False` skips the measurements (structure only); `loss_fn(output)`
+    replaces the default random projection of the output for the gradient probes. The model, its
+    buffers, modes, grads, hooks and the global RNG are left exactly as they were.
     """
     config = (config or Config()).override(**overrides)
     args, kwargs = as_call_args(example_inputs)
@@ -64,7 +65,15 @@ def check(model: nn.Module, example_inputs: Any, *, config: Config | None = None
             architecture = analyze(model, args, kwargs, methods)
         except Exception as exc:  # noqa: BLE001
             raise UsageError(f"could not trace the model ({', '.join(methods)}): {type(exc).__name__}: {exc}") from exc
-    findings = run_rules(RuleContext(architecture), config.select, config.ignore, config.rule_options)
+        measurements = None
+        if probes:
+            options = ProbeOptions(seed=config.seed, loss_fn=loss_fn)
+            try:
+                measurements = measure(model, args, kwargs, at_joins=bool(architecture.joins), options=options)
+            except Exception as exc:  # noqa: BLE001
+                raise UsageError(f"the probes could not run the model in train mode: {type(exc).__name__}: "
+                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+    findings = run_rules(RuleContext(architecture, measurements), config.select, config.ignore, config.rule_options)
     findings.sort(key=lambda f: (SEVERITIES.index(f.severity), f.code))
     info = ModelInfo(
         name=name or type(model).__name__,
@@ -73,7 +82,7 @@ def check(model: nn.Module, example_inputs: Any, *, config: Config | None = None
         trace_failures=dict(architecture.trace_failures),
         input_shapes=_shapes(args, kwargs),
     )
-    return Report(info, architecture, findings, seconds=time.perf_counter() - start)
+    return Report(info, architecture, findings, measurements=measurements, seconds=time.perf_counter() - start)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

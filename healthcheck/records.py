@@ -55,8 +55,7 @@ class Report:
     model: ModelInfo
     architecture: Any  # healthcheck.graph.architecture.Architecture
     findings: list[Finding]
-    profile: list[dict[str, Any]] = field(default_factory=list)
-    grad_correlation: float | None = None
+    measurements: Any = None  # healthcheck.probes.Measurements, or None when probes were skipped
     seconds: float = 0.0
 
     def count(self, severity: str) -> int:
@@ -72,6 +71,13 @@ class Report:
         levels = SEVERITIES[: SEVERITIES.index(fail_on) + 1]
         return any(f.severity in levels for f in self.findings)
 
+    def _measurements_json(self) -> dict[str, Any]:
+        m = self.measurements
+        if m is None:
+            return {"profile": [], "grad_correlation": None}
+        return {"profile": [p.to_json() for p in m.profile], "grad_correlation": m.grad_correlation,
+                "at": m.at, "input_var": m.input_var, "failures": m.failures, "seconds": m.seconds}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
@@ -79,7 +85,7 @@ class Report:
                       "trace_failures": self.model.trace_failures,
                       "input_shapes": [list(s) for s in self.model.input_shapes]},
             "architecture": self.architecture.to_json(),
-            "measurements": {"profile": self.profile, "grad_correlation": self.grad_correlation},
+            "measurements": self._measurements_json(),
             "findings": [f.to_json() for f in self.findings],
             "summary": self.summary(),
         }

@@ -1,7 +1,6 @@
 import inspect
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 

@@ -183,7 +183,7 @@ def test_token_input_shape_draws_token_ids(tmp_path):
 def test_sick_example_fails_with_findings_and_fixes():
     code, out, err = run(str(EXAMPLES / "deep_resnet_no_norm.py"))
     assert code == 1
-    assert "HC101" in out and "error" in out and "fix:" in out and "1/√2" in out
+    assert "HC101" in out and "HC201" in out and "error" in out and "fix:" in out and "1/√2" in out
     assert "deep_resnet_no_norm.py:21" in out
 
 
@@ -196,15 +196,20 @@ def test_fail_on_levels():
 
 def test_select_and_ignore():
     target = str(EXAMPLES / "deep_resnet_no_norm.py")
-    assert run(target, "--ignore", "HC101")[0] == 0
+    assert run(target)[0] == 1
+    assert run(target, "--ignore", "HC")[0] == 0
+    assert run(target, "--select", "HC1", "--ignore", "HC101")[0] == 0  # HC101 is its only structural error
     assert run(target, "--select", "HC102")[0] == 0
     assert run(target, "--select", "HC1", "--ignore", "HC10")[0] == 0
+    assert run(target, "--select", "HC201")[0] == 1  # the measured variance explosion
 
 
 def test_json_output(tmp_path):
     code, out, err = run(str(EXAMPLES / "deep_resnet_no_norm.py"), "--format", "json")
     data = json.loads(out)
-    assert code == 1 and data["schema"] == "healthcheck/1" and data["summary"]["error"] == 1
+    assert code == 1 and data["schema"] == "healthcheck/1" and data["summary"]["error"] >= 1
+    assert {f["code"] for f in data["findings"] if f["severity"] == "error"} >= {"HC101", "HC201"}
+    assert len(data["measurements"]["profile"]) == 16
     assert len(data["architecture"]["joins"]) == 16
     target = tmp_path / "r.json"
     assert run(str(EXAMPLES / "preact_resnet.py"), "--format", "json", "-o", str(target))[0] == 0

@@ -18,6 +18,11 @@ from tests import zoo
 from tests.helpers import EXAMPLES, ROOT
 
 
+def check_structure(model, x, **options):
+    """Structural rules only: these tests are about HC1xx, the probes have their own."""
+    return healthcheck.check(model, x, probes=False, **options)
+
+
 def codes(report, severity=None) -> list[str]:
     return [f.code for f in report.findings if severity is None or f.severity == severity]
 
@@ -30,63 +35,63 @@ def deep_no_norm():
 
 
 def test_hc101_unnormalized_joins(deep_no_norm):
-    report = healthcheck.check(*deep_no_norm)
+    report = check_structure(*deep_no_norm)
     [finding] = [f for f in report.findings if f.code == "HC101"]
     assert finding.severity == "error"
     assert finding.evidence["joins_in_model"] == 16 and finding.evidence["predicted_variance_growth"] == 2.0**16
     assert finding.location.source.endswith("deep_resnet_no_norm.py:21")
     assert finding.fix.transform == "scale_joins"
     # 1/sqrt(2) scaling, BN in the branch: no HC101
-    assert "HC101" not in codes(healthcheck.check(zoo.ScaledResNet(), torch.randn(4, 16)))
-    assert "HC101" not in codes(healthcheck.check(import_file(EXAMPLES / "preact_resnet.py").model,
+    assert "HC101" not in codes(check_structure(zoo.ScaledResNet(), torch.randn(4, 16)))
+    assert "HC101" not in codes(check_structure(import_file(EXAMPLES / "preact_resnet.py").model,
                                                   torch.randn(2, 3, 16, 16)))
 
 
 def test_hc101_thresholds_from_config(deep_no_norm):
-    assert codes(healthcheck.check(*deep_no_norm, rule_options={"HC101": {"error_joins": 32}}), "error") == []
-    assert codes(healthcheck.check(*deep_no_norm, rule_options={"HC101": {"error_joins": 32}}), "warning") == ["HC101"]
-    assert codes(healthcheck.check(*deep_no_norm, rule_options={"HC101": {"warn_joins": 20, "error_joins": 32}})) == []
+    assert codes(check_structure(*deep_no_norm, rule_options={"HC101": {"error_joins": 32}}), "error") == []
+    assert codes(check_structure(*deep_no_norm, rule_options={"HC101": {"error_joins": 32}}), "warning") == ["HC101"]
+    assert codes(check_structure(*deep_no_norm, rule_options={"HC101": {"warn_joins": 20, "error_joins": 32}})) == []
 
 
 def test_hc102_activation_after_join():
     tv = pytest.importorskip("torchvision")
-    report = healthcheck.check(tv.models.resnet18(weights=None), torch.randn(2, 3, 32, 32))
+    report = check_structure(tv.models.resnet18(weights=None), torch.randn(2, 3, 32, 32))
     [finding] = [f for f in report.findings if f.code == "HC102"]
     assert finding.severity == "info" and finding.evidence["count"] == 8
-    assert codes(healthcheck.check(tv.models.resnet18(weights=None), torch.randn(2, 3, 32, 32),
+    assert codes(check_structure(tv.models.resnet18(weights=None), torch.randn(2, 3, 32, 32),
                                    rule_options={"HC102": {"warn_joins": 8}}), "warning") == ["HC102"]
-    assert "HC102" not in codes(healthcheck.check(import_file(EXAMPLES / "preact_resnet.py").model,
+    assert "HC102" not in codes(check_structure(import_file(EXAMPLES / "preact_resnet.py").model,
                                                   torch.randn(2, 3, 16, 16)))
 
 
 def test_hc103_post_ln_at_depth():
     tokens = torch.randint(0, 100, (2, 12))
     deep = zoo.Transformer(zoo.PostLNBlock, layers=6)
-    report = healthcheck.check(deep, tokens)
+    report = check_structure(deep, tokens)
     assert {f.code for f in report.findings} == {"HC103"}
     assert all(f.severity == "warning" and f.evidence["joins_in_model"] == 12 for f in report.findings)
     assert len(report.findings) == 2  # one per line of code: the attention add and the MLP add
-    assert codes(healthcheck.check(zoo.Transformer(zoo.PostLNBlock, layers=4), tokens)) == []  # 8 joins < 12
-    assert codes(healthcheck.check(zoo.Transformer(zoo.PreLNBlock, layers=6), tokens)) == []
-    assert set(codes(healthcheck.check(deep, tokens, rule_options={"HC103": {"error_joins": 12}}), "error")) == {"HC103"}
+    assert codes(check_structure(zoo.Transformer(zoo.PostLNBlock, layers=4), tokens)) == []  # 8 joins < 12
+    assert codes(check_structure(zoo.Transformer(zoo.PreLNBlock, layers=6), tokens)) == []
+    assert set(codes(check_structure(deep, tokens, rule_options={"HC103": {"error_joins": 12}}), "error")) == {"HC103"}
 
 
 def test_hc104_deep_plain_stack():
     x = torch.randn(16, 32)
-    [finding] = healthcheck.check(zoo.PlainStack(depth=24), x).findings
+    [finding] = check_structure(zoo.PlainStack(depth=24), x).findings
     assert finding.code == "HC104" and finding.severity == "warning"
     assert finding.evidence["plain_depth"] == 24 and finding.evidence["normalized"] is True
     assert finding.evidence["predicted_gradient_growth"] == pytest.approx((torch.pi / (torch.pi - 1)) ** 12)
-    [finding] = healthcheck.check(zoo.PlainStack(depth=60, norm=False), x).findings
+    [finding] = check_structure(zoo.PlainStack(depth=60, norm=False), x).findings
     assert finding.severity == "error" and finding.evidence["normalized"] is False
-    assert healthcheck.check(zoo.PlainStack(depth=12), x).findings == []
+    assert check_structure(zoo.PlainStack(depth=12), x).findings == []
 
 
 def test_hc105_branch_ends_in_relu():
     model = torch.nn.Sequential(zoo.ReLUEndBlock(16), zoo.ReLUEndBlock(16))
-    [finding] = healthcheck.check(model, torch.randn(4, 16)).findings
+    [finding] = check_structure(model, torch.randn(4, 16)).findings
     assert finding.code == "HC105" and finding.evidence["count"] == 2
-    assert healthcheck.check(zoo.Transformer(zoo.PreLNBlock), torch.randint(0, 100, (2, 8))).findings == []
+    assert check_structure(zoo.Transformer(zoo.PreLNBlock), torch.randint(0, 100, (2, 8))).findings == []
 
 
 def test_every_rule_is_documented():

@@ -9,15 +9,23 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from tests.helpers import EXAMPLES, source_line
 from healthcheck.graph.architecture import analyze
 from healthcheck.loading import import_file
 from tests import zoo
+from tests.helpers import EXAMPLES, source_line
 
 tv = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
 from torchvision.models import (  # noqa: E402
-    convnext, densenet, efficientnet, mobilenetv2, mobilenetv3, regnet, resnet, swin_transformer, vision_transformer,
+    convnext,
+    densenet,
+    efficientnet,
+    mobilenetv2,
+    mobilenetv3,
+    regnet,
+    resnet,
+    swin_transformer,
+    vision_transformer,
 )
 
 DEFAULTS = dict(kind="add", skip="identity", norm="branch", pre_activation=False, activation_after_join=False,

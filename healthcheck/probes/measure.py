@@ -53,11 +53,17 @@ class Point:
     participation_ratio: float | None  # (Σλ)²/Σλ², normalized likewise
     sensitivity: float | None  # χ_k
     numel: int = 0
+    rank_size: int = 0  # min(vectors, channels): effective_rank × rank_size = directions of variance
+
+    @property
+    def directions(self) -> float | None:
+        """Effective rank, not normalized: 1 means the signal lies on a single line."""
+        return None if self.effective_rank is None else self.effective_rank * self.rank_size
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
             "id", "at", "depth", "var", "var_ratio", "residual_ratio", "grad_norm", "effective_rank",
-            "sensitivity", "grad_rms", "participation_ratio", "module", "source")}
+            "sensitivity", "grad_rms", "participation_ratio", "module", "source")} | {"directions": self.directions}
 
 
 @dataclass(frozen=True)
@@ -170,7 +176,8 @@ class _StatsObserver:
             return
         rank, participation = stats.effective_ranks(tensor, channel_dim, self.options.max_vectors, self.generator)
         self.values[index] = {"var": stats.second_moment(tensor), "rank": rank, "participation": participation,
-                              "numel": torch.tensor(float(tensor.numel()))}
+                              "numel": torch.tensor(float(tensor.numel())),
+                              "rank_size": torch.tensor(float(stats.rank_size(tensor, channel_dim, self.options.max_vectors)))}
         if tensor.requires_grad:
             tensor.register_hook(partial(self._on_grad, index))
 
@@ -273,8 +280,11 @@ def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
     if options.sensitivity:
         try:
             chi = _sensitivities(model, args, kwargs, set(point_nodes), options)
-        except Exception as exc:  # noqa: BLE001 - a probe that cannot run is reported, not fatal
-            failures["sensitivity"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        except Exception as exc:  # noqa: BLE001 - forward AD is not implemented for every op
+            try:
+                chi = _sensitivities_by_difference(model, args, kwargs, set(point_nodes), options)
+            except Exception as exc2:  # noqa: BLE001 - a probe that cannot run is reported, not fatal
+                failures["sensitivity"] = f"forward AD: {_one_line(exc)}; finite difference: {_one_line(exc2)}"
 
     # Pass 3: gradient correlation along a line of inputs
     correlation = None
@@ -282,7 +292,7 @@ def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
         try:
             correlation = _line_correlation(model, args, kwargs, options, observer.batch_stats)
         except Exception as exc:  # noqa: BLE001
-            failures["grad_correlation"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            failures["grad_correlation"] = _one_line(exc)
 
     host = _to_host(observer, point_nodes, input_moment)
     profile = _profile(graph, joins, point_nodes, observer, host, chi)
@@ -290,6 +300,11 @@ def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
         correlation = float(correlation)
     return Measurements(tuple(profile), correlation, host["input_var"], "join" if at_joins else "layer",
                         failures, time.perf_counter() - start)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _to_host(observer: _StatsObserver, nodes: list[int], input_moment: torch.Tensor) -> dict[str, Any]:
@@ -338,7 +353,7 @@ def _profile(graph: Any, joins: list[Join], nodes: list[int], observer: _StatsOb
             grad_norm=math.sqrt(grad_sq) if grad_sq is not None else None,
             grad_rms=math.sqrt(grad_sq / numel) if grad_sq is not None and numel else None,
             effective_rank=host[(n, "rank")], participation_ratio=host[(n, "participation")],
-            sensitivity=chi.get(n), numel=int(numel),
+            sensitivity=chi.get(n), numel=int(numel), rank_size=int(host[(n, "rank_size")]),
         ))
         previous = var
     return points
@@ -382,6 +397,62 @@ class _FrozenBatchNorm:
         return F.batch_norm(input, mean, var, weight, bias, False, 0.0, eps)
 
 
+class _DifferenceObserver:
+    """Finite-difference sensitivity on a doubled batch [x; x + εδ]: BatchNorm statistics of a
+    duplicated batch equal the original's, so this is the same function, linearized by ε."""
+
+    def __init__(self, points: set[int], point: _InputPoint, batch: int, epsilon: float) -> None:
+        self.points, self.point, self.batch, self.epsilon = points, point, batch, epsilon
+        self.values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_node(self, node: OpNode, result: Any, operands: list[tuple[int, torch.Tensor]]) -> Any:
+        replaced = self.point.maybe_inject(node, result)
+        if replaced is not None:
+            return replaced
+        for index, tensor in [(node.index, result)] + list(operands):
+            if (index in self.points and index not in self.values and isinstance(tensor, torch.Tensor)
+                    and tensor.dim() > 0 and tensor.shape[0] == 2 * self.batch):
+                base, moved = tensor[: self.batch].float(), tensor[self.batch:].float()
+                self.values[index] = ((moved - base).norm() / self.epsilon, stats.centred_norm(base))
+        return None
+
+
+def _sensitivities_by_difference(model: nn.Module, args: tuple, kwargs: dict[str, Any], nodes: set[int],
+                                 options: ProbeOptions, epsilon: float = 1e-4) -> dict[int, float]:
+    tensors = tensors_of((args, kwargs))
+    batch = tensors[0].shape[0] if tensors and tensors[0].dim() > 0 else 0
+    if batch < 2:
+        raise ValueError("sensitivity needs a batch of at least 2")
+    generator = torch.Generator().manual_seed(options.seed + 2)
+
+    def double(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return torch.cat([value, value])
+        return value
+
+    def perturb(t: torch.Tensor) -> torch.Tensor:
+        base = t[:batch].detach()
+        direction = torch.randn(base.shape, generator=generator).to(device=t.device, dtype=torch.float32)
+        direction = direction * stats.centred_norm(base) / direction.norm()
+        return torch.cat([base, (base.float() + epsilon * direction).to(t.dtype)])
+
+    point = _InputPoint(perturb)
+    observer = _DifferenceObserver(nodes, point, batch, epsilon)
+    doubled_args, doubled_kwargs = tuple(double(a) for a in args), {k: double(v) for k, v in kwargs.items()}
+    with torch.no_grad():
+        args2, kwargs2 = point.apply_to_inputs(doubled_args, doubled_kwargs)
+        record(model, args2, kwargs2, observer, skip_dropout=True)
+        if point.used is None:
+            raise ValueError("no floating-point input point to perturb")
+        base = point.used[:batch].float()
+        input_ratio = (point.used[batch:].float() - base).norm() / epsilon / stats.centred_norm(base)
+        keys = sorted(observer.values)
+        if not keys:
+            return {}
+        ratios = torch.stack([observer.values[k][0] / observer.values[k][1] / input_ratio for k in keys])
+    return dict(zip(keys, ratios.cpu().tolist()))
+
+
 def _line_correlation(model: nn.Module, args: tuple, kwargs: dict[str, Any], options: ProbeOptions,
                       batch_stats: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     generator = torch.Generator().manual_seed(options.seed + 3)
@@ -411,4 +482,6 @@ def _line_correlation(model: nn.Module, args: tuple, kwargs: dict[str, Any], opt
                            replacements={"batch_norm": _FrozenBatchNorm(batch_stats)})
         loss = _loss(recording.output, options, torch.Generator().manual_seed(options.seed + 1), per_sample=False)
         (grad,) = torch.autograd.grad(loss, [captured["line"]])
+    if not bool(grad.abs().amax() > 0):
+        raise ValueError("the input gradients are zero at initialization (a zero-initialized output layer?)")
     return stats.neighbour_correlation(grad)

@@ -18,6 +18,12 @@ def channel_vectors(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return x.movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim])
 
 
+def rank_size(x: torch.Tensor, channel_dim: int, max_vectors: int) -> int:
+    """min(vectors, channels) for `effective_ranks` on this tensor."""
+    channels = x.shape[channel_dim] if x.dim() > 1 else 1
+    return min(min(x.numel() // max(channels, 1), max_vectors), channels)
+
+
 def effective_ranks(x: torch.Tensor, channel_dim: int, max_vectors: int,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Labatie's Σλ/λ_max, participation ratio (Σλ)²/Σλ²), both divided by min(vectors, channels).

@@ -39,9 +39,11 @@ class Rule:
     options: dict[str, Any] = field(default_factory=dict)
     check: Callable[[RuleContext, dict[str, Any]], Iterable[Finding]] | None = None
 
-    def finding(self, severity: str, message: str, location: Location, evidence: dict[str, Any]) -> Finding:
-        return Finding(self.code, severity, message, location, evidence,
-                       Fix(self.fix_summary, self.transform))
+    def finding(self, severity: str, message: str, location: Location, evidence: dict[str, Any],
+                fix: tuple[str, str | None] | None = None) -> Finding:
+        """A finding of this rule; `fix` = (summary, transform) when the case calls for a specific fix."""
+        summary, transform = fix if fix is not None else (self.fix_summary, self.transform)
+        return Finding(self.code, severity, message, location, evidence, Fix(summary, transform))
 
     def docs(self) -> str:
         """Markdown docs under the fixed headings (DOC_HEADINGS)."""
@@ -88,7 +90,7 @@ def run_rules(context: RuleContext, select: Iterable[str] = ("HC",), ignore: Ite
 
 
 def all_docs() -> str:
-    from healthcheck.rules import structure  # noqa: F401  - registers the rules
+    from healthcheck.rules import measured, structure  # noqa: F401  - registers the rules
 
     head = "# healthcheck rules\n\nGenerated from the rule registry by `python -m healthcheck.rules`; do not edit.\n\n"
     return head + "\n".join(REGISTRY[c].docs() for c in sorted(REGISTRY))

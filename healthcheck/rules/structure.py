@@ -173,7 +173,7 @@ def forward(self, x):
                 "use DeepNorm-style scaled skips; otherwise keep a learning-rate warm-up",
     transform="pre_ln",
     fix_safety="unsafe",
-    options={"warn_joins": 12, "error_joins": 64},
+    options={"warn_joins": 12, "error_joins": 48},
     check=_hc103,
 ))
 
