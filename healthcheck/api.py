@@ -95,7 +95,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def check_file(spec: str, config: Config | None = None, device: str | torch.device = "cpu", **overrides: Any) -> Report:
+def check_file(spec: str, config: Config | None = None, device: str | torch.device = "cpu", probes: bool = True,
+               **overrides: Any) -> Report:
     """`check` on a model file, as the CLI does: `FILE[:NAME]`, config from its pyproject.toml."""
     from healthcheck.config import load_config
     from healthcheck.loading import load_target, split_spec
@@ -109,4 +110,4 @@ def check_file(spec: str, config: Config | None = None, device: str | torch.devi
     model = target.model.to(target_device)
     args, kwargs = (tuple(a.to(target_device) if isinstance(a, torch.Tensor) else a for a in target.args),
                     {k: v.to(target_device) if isinstance(v, torch.Tensor) else v for k, v in target.kwargs.items()})
-    return check(model, (args, kwargs), config=config, name=target.name)
+    return check(model, (args, kwargs), config=config, name=target.name, probes=probes)

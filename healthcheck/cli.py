@@ -54,6 +54,9 @@ def _split_codes(value: str | None) -> tuple[str, ...] | None:
               help="Exit with 1 when a finding is at or above this severity  [default: error].")
 @click.option("--select", default=None, metavar="CODES", help="Comma-separated rule codes or prefixes to run (e.g. HC1,HC201).")
 @click.option("--ignore", default=None, metavar="CODES", help="Comma-separated rule codes or prefixes to skip.")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the depth profile (each quantity against depth) and findings to TensorBoard here.")
+@click.option("--no-probes", is_flag=True, help="Structure only: skip the init-time measurements (HC2xx, HC3xx).")
 @click.option("--trace", type=click.Choice(["auto", "fx", "export", "hooks"]), default=None,
               help="Force one tracer instead of trying fx, then torch.export, then hooks  [default: auto].")
 @click.option("--seed", type=int, default=None, help="Seed for model construction and random inputs  [default: 0].")
@@ -63,7 +66,7 @@ def _split_codes(value: str | None) -> tuple[str, ...] | None:
 @click.option("-v", "--verbose", is_flag=True, help="Say why earlier tracers failed and show more detail.")
 @click.option("--debug", is_flag=True, help="Show the full traceback of errors.")
 def check(target: str, input_shapes: tuple[str, ...], fmt: str, output: Path | None, fail_on: str | None,
-          select: str | None, ignore: str | None, trace: str | None, seed: int | None, device: str,
+          select: str | None, ignore: str | None, tensorboard_dir: Path | None, no_probes: bool, trace: str | None, seed: int | None, device: str,
           color: bool | None, verbose: bool, debug: bool) -> None:
     """Check the model in FILE (see `healthcheck --help` for how the model is found).
 
@@ -83,7 +86,11 @@ def check(target: str, input_shapes: tuple[str, ...], fmt: str, output: Path | N
             fail_on=fail_on, select=_split_codes(select), ignore=_split_codes(ignore), trace=trace, seed=seed,
             input_shapes=tuple(parse_shape(s) for s in input_shapes) or None,
         )
-        report = check_file(target, config, device=device)
+        report = check_file(target, config, device=device, probes=not no_probes)
+        if tensorboard_dir is not None:
+            from healthcheck.report.tensorboard import write_tensorboard
+
+            write_tensorboard(report, tensorboard_dir)
     except UsageError as exc:
         if debug:
             err.print_exception()

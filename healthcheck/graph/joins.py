@@ -40,6 +40,7 @@ class Join:
     branch_operand: int
     branch_weights: int  # weight layers on the branch
     branch_ends_nonnegative: bool  # branch output passes a ReLU/sigmoid last (HC105)
+    scale_on: str | None = None  # "sum" (s·(x + f)) or "branch" (x + a·f): where `scale` applies
 
     def to_json(self) -> dict:
         return {
@@ -200,6 +201,7 @@ def _describe(graph: OpGraph, index: int, cand: _Candidate) -> dict:
         "skip": skip, "norm": norm, "pre_activation": pre_activation,
         "activation_after_join": bool(after) and all(nodes[i].category is Category.ACT for i in after),
         "scale": sum_scale if sum_scale is not None else branch_scale,
+        "scale_on": "sum" if sum_scale is not None else ("branch" if branch_scale is not None else None),
         "learnable_gain": learnable_gain,
         "branch_ends_nonnegative": nodes[last_real].category is Category.ACT and nodes[last_real].nonnegative,
     }

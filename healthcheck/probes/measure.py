@@ -334,6 +334,8 @@ def _profile(graph: Any, joins: list[Join], nodes: list[int], observer: _StatsOb
             continue
         var = host[(n, "var")]
         join = by_node.get(n)
+        if join is not None and join.scale_on == "sum":
+            var *= join.scale**2  # y_k = s·(x_k + f_k(x_k)): the block's output is after the scale
         if join is not None:
             skip, branch = host.get((join.skip_operand, "operand")), host.get((join.branch_operand, "operand"))
             if depth == 1 and skip is not None:
@@ -485,3 +487,21 @@ def _line_correlation(model: nn.Module, args: tuple, kwargs: dict[str, Any], opt
     if not bool(grad.abs().amax() > 0):
         raise ValueError("the input gradients are zero at initialization (a zero-initialized output layer?)")
     return stats.neighbour_correlation(grad)
+
+
+def line_gradient_correlation(model: nn.Module, line: torch.Tensor, *, seed: int = 0,
+                              loss_fn: Callable[[Any], torch.Tensor] | None = None) -> float:
+    """Mean correlation of the input gradients at neighbouring rows of `line` (Balduzzi et al. 2017).
+
+    The rows are the inputs along a line, in order; the model runs on them as one batch in train
+    mode (BatchNorm over the line, dropout skipped), L = Σ output · R with one seeded R shared by
+    all rows. The caller guards the model's state.
+    """
+    options = ProbeOptions(seed=seed, loss_fn=loss_fn)
+    model.train()
+    points = line.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        output = record(model, (points,), {}, skip_dropout=True).output
+        loss = _loss(output, options, torch.Generator().manual_seed(seed + 1), per_sample=False)
+        (grad,) = torch.autograd.grad(loss, [points])
+    return float(stats.neighbour_correlation(grad))

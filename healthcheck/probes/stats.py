@@ -54,8 +54,12 @@ def centred_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def neighbour_correlation(grads: torch.Tensor) -> torch.Tensor:
-    """Mean Pearson correlation between consecutive rows (gradients at neighbouring inputs)."""
-    g = grads.detach().float().reshape(grads.shape[0], -1)
-    g = g - g.mean(dim=1, keepdim=True)
-    g = g / g.norm(dim=1, keepdim=True).clamp(min=1e-30)
-    return (g[:-1] * g[1:]).sum(dim=1).mean()
+    """Lag-1 autocorrelation of the gradient field along a line of inputs (Balduzzi et al. 2017).
+
+    Row i is the gradient at the i-th input of the line. Centred over the line, the correlation is
+    Σ⟨g̃_i, g̃_{i+1}⟩ / √(Σ‖g̃_i‖² Σ‖g̃_{i+1}‖²): ≈1 for a smoothly varying gradient, ≈0 for white noise.
+    """
+    g = grads.detach().double().reshape(grads.shape[0], -1)
+    g = g - g.mean(dim=0, keepdim=True)
+    a, b = g[:-1], g[1:]
+    return ((a * b).sum() / (a.pow(2).sum() * b.pow(2).sum()).sqrt().clamp(min=1e-300)).float()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 from collections import Counter
@@ -78,6 +79,50 @@ def joins_table(joins: tuple[Join, ...], with_source: bool = True) -> Table:
     return table
 
 
+_BARS = "▁▂▃▄▅▆▇█"
+#: (attribute, label, log scale) of the profile rows in the text report
+PROFILE_ROWS = (
+    ("var", "variance E[y²]", True),
+    ("residual_ratio", "residual ratio r", True),
+    ("grad_rms", "gradient RMS", True),
+    ("effective_rank", "effective rank (norm.)", True),
+    ("sensitivity", "sensitivity χ", True),
+)
+
+
+def sparkline(values: list[float], log: bool = True, width: int = 32) -> str:
+    """Values as bars, resampled to at most `width`, on a log scale by default."""
+    values = [v for v in values if v is not None and math.isfinite(v) and (v > 0 or not log)]
+    if not values:
+        return ""
+    if len(values) > width:
+        values = [values[int(i * len(values) / width)] for i in range(width)]
+    points = [math.log10(v) for v in values] if log else values
+    low, high = min(points), max(points)
+    span = high - low
+    if span < 1e-9:
+        return _BARS[3] * len(points)
+    return "".join(_BARS[min(len(_BARS) - 1, int((p - low) / span * len(_BARS)))] for p in points)
+
+
+def profile_table(measurements: Any) -> Table:
+    unit = "blocks" if measurements.at == "join" else "layers"
+    table = Table(title=f"Depth profile ({len(measurements.profile)} {unit}, one batch, train mode)",
+                  title_justify="left", show_edge=False, header_style="bold", pad_edge=False)
+    for column in ("quantity", "first", "last", f"per {unit[:-1]}", "profile (log scale)"):
+        table.add_column(column, no_wrap=True)
+    for attribute, label, log in PROFILE_ROWS:
+        values = measurements.series(attribute)
+        if not values:
+            continue
+        positive = [v for v in values if v > 0]
+        per_point = ""
+        if len(positive) > 1 and positive[0] > 0:
+            per_point = f"×{(positive[-1] / positive[0]) ** (1 / (len(positive) - 1)):.3g}"
+        table.add_row(Text(label), f"{values[0]:.3g}", f"{values[-1]:.3g}", per_point, sparkline(values, log))
+    return table
+
+
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -136,6 +181,16 @@ def write_text(report: Report, console: Console, *, verbose: bool = False) -> No
     else:
         console.print(Text("No residual joins: every layer feeds the next (a plain stack).", style="hc.dim"))
     console.print()
+    measurements = report.measurements
+    if measurements is not None and measurements.profile:
+        console.print(profile_table(measurements))
+        extra = []
+        if measurements.grad_correlation is not None:
+            extra.append(f"gradient correlation between neighbouring inputs: {measurements.grad_correlation:.3g}")
+        extra += [f"{probe} not measured: {why}" for probe, why in measurements.failures.items()]
+        for line in extra:
+            console.print(Text(line, style="hc.dim"))
+        console.print()
     if report.findings:
         console.print(Text("Findings", style="bold"))
         for f in report.findings:
