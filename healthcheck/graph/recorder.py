@@ -9,6 +9,7 @@ An optional `Observer` sees each recorded op with its operands and output while 
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -42,10 +43,11 @@ class _OpRecorder(TorchFunctionMode):
                  replacements: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.nodes: list[OpNode] = []
-        self.data: dict[int, int] = {}  # id(tensor) -> node index
-        self.keep: list[Any] = []  # keeps recorded tensors alive so ids stay unique
+        # id(tensor) -> (weak reference, node index). Weak, so that recording keeps no activation
+        # alive; the reference tells a live tensor from a new one that reuses a dead one's id.
+        self.data: dict[int, tuple[weakref.ref, int]] = {}
         self.params = {id(p) for p in model.parameters()}
-        self.param_derived: set[int] = set()
+        self.param_derived: dict[int, weakref.ref] = {}
         self.module_stack: list[tuple[str, nn.Module]] = [("", model)]
         self.observer = observer
         self.skip_dropout = skip_dropout
@@ -58,28 +60,36 @@ class _OpRecorder(TorchFunctionMode):
         if node.index == len(self.nodes):
             self.nodes.append(node)
         for t in tensors_of(value):
-            self.data[id(t)] = node.index
-            self.keep.append(t)
+            self.data[id(t)] = (weakref.ref(t), node.index)
+
+    def node_of(self, value: Any) -> int | None:
+        """Index of the node that made this live tensor, or None if it is not model data."""
+        entry = self.data.get(id(value))
+        return entry[1] if entry is not None and entry[0]() is value else None
+
+    def _is_param_like(self, value: Any) -> bool:
+        if id(value) in self.params:
+            return True
+        ref = self.param_derived.get(id(value))
+        return ref is not None and ref() is value
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = taxonomy.normalize_op_name(getattr(func, "__name__", str(func)))
         operands = _flatten((args, kwargs))
-        data_operands = [a for a in operands if isinstance(a, torch.Tensor) and id(a) in self.data]
+        data_operands = [a for a in operands if isinstance(a, torch.Tensor) and self.node_of(a) is not None]
         if self.skip_dropout and name in _DROPOUT_OPS and data_operands:
             result = args[0]
         elif name in self.replacements and data_operands:
             result = self.replacements[name](*args, **kwargs)
         else:
             result = func(*args, **kwargs)
-        data_inputs = tuple(dict.fromkeys(self.data[id(a)] for a in data_operands))
-        touches_param = any(isinstance(a, torch.Tensor) and (id(a) in self.params or id(a) in self.param_derived)
-                            for a in operands)
+        data_inputs = tuple(dict.fromkeys(self.node_of(a) for a in data_operands))
+        touches_param = any(isinstance(a, torch.Tensor) and self._is_param_like(a) for a in operands)
         out_tensors = tensors_of(result)
         if not data_inputs or name in taxonomy.VALUE_INDEPENDENT_OPS or not out_tensors:
             if touches_param:
-                self.param_derived.update(id(t) for t in out_tensors)
-                self.keep.extend(out_tensors)
+                self.param_derived.update((id(t), weakref.ref(t)) for t in out_tensors)
             return result
         path, module = self.module_stack[-1]
         category = taxonomy.override_by_enclosing(module, taxonomy.classify_op(name, len(data_inputs)))
@@ -100,7 +110,7 @@ class _OpRecorder(TorchFunctionMode):
             nonnegative=taxonomy.is_nonnegative_op(name), shape=tuple(out_tensors[0].shape),
         )
         if self.observer is not None:
-            replaced = self.observer.on_node(node, result, [(self.data[id(a)], a) for a in data_operands])
+            replaced = self.observer.on_node(node, result, [(self.node_of(a), a) for a in data_operands])
             if replaced is not None:
                 result = replaced
         self._bind(result, node)
@@ -150,5 +160,5 @@ def record(model: nn.Module, args: tuple, kwargs: dict[str, Any], observer: Obse
     finally:
         for h in handles:
             h.remove()
-    outputs = tuple(dict.fromkeys(recorder.data[id(t)] for t in tensors_of(output) if id(t) in recorder.data))
+    outputs = tuple(dict.fromkeys(i for i in map(recorder.node_of, tensors_of(output)) if i is not None))
     return Recording(OpGraph(recorder.nodes, outputs), output)
