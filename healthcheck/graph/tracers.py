@@ -57,19 +57,35 @@ def trace_fx(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> OpGraph:
             run_args.append(node.args[0])
         else:
             raise TypeError(f"no example value for forward argument {node.target!r}")
-    values: dict[fx.Node, Any] = {}
-
-    class _Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            result = super().run_node(n)
-            values[n] = _meta_like(result)
-            return result
-
-    with torch.no_grad():
-        _Recorder(module).run(*run_args)
+    values = _propagate(module, run_args)
     params = {n for n in graph.nodes if n.op == "get_attr" and isinstance(_fetch_attr(model, n.target), nn.Parameter)}
     inputs = {n for n in placeholders}
     return graph_from_fx(graph, model, values.get, inputs, params)
+
+
+def _propagate(module: fx.GraphModule, args: list[Any]) -> dict[fx.Node, Any]:
+    """Which nodes hold tensors (and their shapes): with fake tensors when possible (no compute),
+    else by running the graph once on the real inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    try:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        FakeTensorProp(module, mode).propagate(*fake_args)
+        return {n: n.meta.get("val") for n in module.graph.nodes}
+    except Exception:  # noqa: BLE001 - ops without fake kernels: run for real
+        values: dict[fx.Node, Any] = {}
+
+        class _Recorder(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                result = super().run_node(n)
+                values[n] = _meta_like(result)
+                return result
+
+        with torch.no_grad():
+            _Recorder(module).run(*args)
+        return values
 
 
 def _fetch_attr(root: nn.Module, target: str) -> Any:

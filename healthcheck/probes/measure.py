@@ -84,6 +84,7 @@ class ProbeOptions:
     seed: int = 0
     max_vectors: int = 256  # channel vectors per point for the effective rank
     line_step: float = 0.02  # distance between neighbouring line inputs, relative to ‖x0‖
+    line_points: int = 16  # at most this many inputs on the line (at most the batch size)
     sensitivity: bool = True
     grad_correlation: bool = True
     loss_fn: Callable[[Any], torch.Tensor] | None = None
@@ -459,9 +460,12 @@ def _line_correlation(model: nn.Module, args: tuple, kwargs: dict[str, Any], opt
                       batch_stats: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     generator = torch.Generator().manual_seed(options.seed + 3)
     captured: dict[str, torch.Tensor] = {}
+    inputs = tensors_of((args, kwargs))
+    # A shorter line is cheaper, but only a lone float input can change batch size safely.
+    shorten = len(inputs) == 1 and inputs[0].is_floating_point()
 
     def line(t: torch.Tensor) -> torch.Tensor:
-        n = t.shape[0]
+        n = min(t.shape[0], options.line_points) if shorten else t.shape[0]
         if n < 3:
             raise ValueError("gradient correlation needs a batch of at least 3")
         x0 = t[0].detach().float()
