@@ -153,3 +153,88 @@ class ReLUEndBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + F.relu(self.fc2(F.relu(self.fc1(self.norm(x)))))
+
+
+class LoraLinear(nn.Module):
+    """peft-style LoRA: W·x + s·B·A·x is one linear map, not a residual join."""
+
+    def __init__(self, base: nn.Linear, rank: int = 4) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.lora_B.weight, std=0.02)
+        self.scaling = 2.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        return result + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+class ParallelBlock(nn.Module):
+    """PaLM / Cohere parallel block written residual-first: x + attn(ln(x)) + mlp(ln(x))."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(dim)
+        self.attn = Attention(dim, 4)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)
+        return x + self.attn(h) + self.mlp(h)
+
+
+class InplaceBlock(nn.Module):
+    """Mutation without rebinding: out.add_(x); F.relu_(out)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc2(F.relu(self.norm(self.fc1(x))))
+        out.add_(x)
+        F.relu_(out)
+        return out
+
+
+class BiasEndBlock(nn.Module):
+    """The branch ends by adding a bias parameter: a shift, not a learnable gain."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.w2 = nn.Parameter(torch.randn(width, width) / width**0.5)
+        self.b2 = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (F.relu(self.fc1(self.norm(x))) @ self.w2 + self.b2)
+
+
+class SumStyles(nn.Module):
+    """Joins written three ways: sum([f(x), x]) (Python adds 0 first), x + (f(x) + 1.0), torch.add(alpha=)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+            for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = sum([self.branches[0](x), x])
+        x = x + (self.branches[1](x) + 1.0)
+        return torch.add(x, self.branches[2](x), alpha=0.1)
+
+
+def dropout_add(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """A helper that makes the join, as in HF BLOOM/Falcon."""
+    return residual + F.dropout(x, p=0.0)
+
+
+class HelperJoinBlock(PreLNBlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = dropout_add(self.attn(self.ln1(x)), x)
+        return dropout_add(self.mlp(self.ln2(x)), x)

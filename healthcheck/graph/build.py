@@ -77,6 +77,14 @@ def _clean_path(path: str, prefix: str) -> str:
     return path.strip(".")
 
 
+def _mutates(node: fx.Node, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(root.get_submodule(str(node.target)), "inplace", False))
+    if node.op in ("call_function", "call_method") and not isinstance(node.target, torch._ops.OpOverload):
+        return taxonomy.is_inplace(_target_name(node), node.kwargs)
+    return False  # torch.export graphs are functional
+
+
 def graph_from_fx(
     graph: fx.Graph,
     root: nn.Module,
@@ -130,13 +138,8 @@ def graph_from_fx(
             category = taxonomy.override_by_enclosing(module, category)
             if has_param and category is Category.OTHER:
                 category = Category.WEIGHT
-        scalar = None
-        if category is Category.SCALE:
-            numbers_ = [a for a in _flat_nodes(node.args) if isinstance(a, numbers.Number) and not isinstance(a, bool)]
-            if numbers_:
-                scalar = float(numbers_[0])
-                if name in ("div", "truediv", "itruediv") and scalar != 0:
-                    scalar = 1.0 / scalar
+        constants = [a for a in _flat_nodes(node.args) if isinstance(a, numbers.Number) and not isinstance(a, bool)]
+        scalar, param_operand = taxonomy.scale_facts(name, category, constants, node.kwargs, touches_param)
         op = OpNode(
             index=len(nodes),
             category=category,
@@ -147,10 +150,15 @@ def graph_from_fx(
             source=taxonomy.source_from_stack_trace(node.meta.get("stack_trace") or node.stack_trace),
             has_param=has_param,
             scalar=scalar,
-            param_operand=category is Category.SCALE and touches_param,
+            param_operand=param_operand,
             nonnegative=nonnegative,
             shape=_shape(value_of(node)),
         )
         data_index[node] = op.index
         nodes.append(op)
+        # fx records `out.add_(x)` or `F.relu_(out)` without rebinding `out`: later uses of the
+        # mutated operand must read this op's result
+        first = node.args[0] if node.args else None
+        if isinstance(first, fx.Node) and first in data_index and _mutates(node, root):
+            data_index[first] = op.index
     return OpGraph(nodes, tuple(outputs))

@@ -37,7 +37,7 @@ class Join:
     node: int  # the add/concat op
     fork: int  # the tensor both paths start from
     skip_operand: int
-    branch_operand: int
+    branch_operands: tuple[int, ...]  # several for parallel blocks: x + attn(x) + mlp(x)
     branch_weights: int  # weight layers on the branch
     branch_ends_nonnegative: bool  # branch output passes a ReLU/sigmoid last (HC105)
     scale_on: str | None = None  # "sum" (s·(x + f)) or "branch" (x + a·f): where `scale` applies
@@ -55,12 +55,15 @@ class Join:
 @dataclass(frozen=True)
 class _Candidate:
     skip_operand: int
-    branch_operand: int
+    branch_operands: tuple[int, ...]  # every operand that descends from the fork
     fork: int
     skip_path: tuple[int, ...]  # ops between fork (exclusive) and skip operand (inclusive)
-    branch: frozenset[int]  # ops between fork (exclusive) and branch operand (inclusive)
+    branch: frozenset[int]  # ops between fork (exclusive) and the branch operands (inclusive)
     skip_weights: int
     branch_weights: int
+
+    def key(self) -> tuple[int, int, int]:
+        return (self.skip_weights, len(self.skip_path), -self.branch_weights)
 
 
 def _skip_path_candidates(graph: OpGraph, operand: int) -> list[tuple[int, tuple[int, ...]]]:
@@ -95,36 +98,65 @@ def is_weight_layer(node: OpNode) -> bool:
     return node.category is Category.WEIGHT or (node.category is Category.ATTENTION and node.has_param)
 
 
+def weight_layers(node: OpNode) -> int:
+    """Weight layers in one op: an attention module with its parameters (nn.MultiheadAttention, a
+    wrapped attention function) is its input and output projections, as torch.export shows them."""
+    if not is_weight_layer(node):
+        return 0
+    return 2 if node.category is Category.ATTENTION or "attention" in node.op else 1
+
+
 def _count_weights(graph: OpGraph, indices: Iterable[int]) -> int:
-    return sum(1 for i in indices if is_weight_layer(graph.nodes[i]))
+    return sum(weight_layers(graph.nodes[i]) for i in indices)
 
 
-def _best_candidate(graph: OpGraph, anc: list[int], index: int) -> _Candidate | None:
+def _best_candidate(graph: OpGraph, anc: list[int], index: int, operands: tuple[int, ...]) -> _Candidate | None:
+    """The skip operand and fork that make `index` a residual join, if any.
+
+    The branch is everything between the fork and the other operands that descend from it; it must
+    hold a weight layer and a nonlinearity or norm (a purely linear branch, like a LoRA adapter's
+    B·A·x added to W·x, is a reparametrized linear layer, not a residual block), and more weight
+    layers than the skip path.
+    """
     node = graph.nodes[index]
     best: _Candidate | None = None
-    for a in node.inputs:
+    for a in operands:
         for fork, path in _skip_path_candidates(graph, a):
-            if len(path) > 0 and _count_weights(graph, path) > _MAX_SKIP_WEIGHTS:
+            skip_weights = _count_weights(graph, path)
+            if skip_weights > _MAX_SKIP_WEIGHTS:
                 break
             if node.category is Category.CONCAT and any(graph.nodes[i].category is not Category.TRIVIAL for i in path):
                 break
-            branch_operands = [b for b in node.inputs if b != a and (anc[b] >> fork) & 1]
+            branch_operands = tuple(b for b in operands if b != a and (anc[b] >> fork) & 1)
             if not branch_operands:
                 continue
-            for b in branch_operands:
-                branch = _branch_nodes(graph, anc, fork, b)
-                weights = _count_weights(graph, branch)
-                nonlinear = any(graph.nodes[i].category in NONLINEAR_OPS or graph.nodes[i].category is Category.NORM for i in branch)
-                skip_weights = _count_weights(graph, path)
-                deep = weights >= 1 and (nonlinear or weights >= 2)
-                if not deep or weights <= skip_weights:
-                    continue
-                cand = _Candidate(a, b, fork, path, branch, skip_weights, weights)
-                key = (cand.skip_weights, len(cand.skip_path), -cand.branch_weights)
-                if best is None or key < (best.skip_weights, len(best.skip_path), -best.branch_weights):
+            branch = frozenset().union(*(_branch_nodes(graph, anc, fork, b) for b in branch_operands))
+            weights = _count_weights(graph, branch)
+            nonlinear = any(graph.nodes[i].category in NONLINEAR_OPS or graph.nodes[i].category is Category.NORM
+                            for i in branch)
+            if weights >= 1 and nonlinear and weights > skip_weights:
+                cand = _Candidate(a, branch_operands, fork, path, branch, skip_weights, weights)
+                if best is None or cand.key() < best.key():
                     best = cand
             break  # the nearest fork on this operand's skip path decides
     return best
+
+
+def _summands(graph: OpGraph, index: int, absorbed: set[int]) -> tuple[int, ...]:
+    """Operands of a sum, looking through inner adds absorbed into it: x + attn + mlp is one join."""
+    out: list[int] = []
+    for i in graph.nodes[index].inputs:
+        out.extend(_summands(graph, i, absorbed) if i in absorbed else (i,))
+    return tuple(dict.fromkeys(out))
+
+
+def _absorbed_adds(graph: OpGraph) -> set[int]:
+    """Adds whose only consumer is another add: parts of one n-ary sum."""
+    def is_sum(i: int) -> bool:
+        return graph.nodes[i].category is Category.ADD and len(graph.nodes[i].inputs) >= 2
+
+    return {n.index for n in graph.nodes if is_sum(n.index) and len(graph.consumers[n.index]) == 1
+            and is_sum(graph.consumers[n.index][0])}
 
 
 def _downstream(graph: OpGraph, index: int) -> list[int]:
@@ -189,8 +221,10 @@ def _describe(graph: OpGraph, index: int, cand: _Candidate) -> dict:
             fork = nodes[fork.inputs[0]]
         pre_activation = fork.category is Category.NORM and any(
             nodes[i].category in (Category.ADD, Category.CONCAT) for i in fork.inputs)
-    tail, last_real = _branch_tail(graph, cand.branch_operand, cand.branch)
+    tail, last_real = _branch_tail(graph, cand.branch_operands[-1], cand.branch)
     branch_scale = next((nodes[i].scalar for i in tail if nodes[i].scalar is not None), None)
+    if branch_scale is None and node.scalar is not None and cand.branch_operands == (node.inputs[-1],):
+        branch_scale = node.scalar  # torch.add(x, f(x), alpha=a)
     learnable_gain = any(nodes[i].param_operand for i in tail)
     sum_scale = None
     consumers = graph.consumers[index]
@@ -211,10 +245,12 @@ def find_joins(graph: OpGraph) -> list[Join]:
     """Every residual join, in forward order."""
     anc = graph.ancestors()
     found = []
+    absorbed = _absorbed_adds(graph)
     for node in graph.nodes:
-        if node.category not in (Category.ADD, Category.CONCAT) or len(node.inputs) < 2:
+        if node.category not in (Category.ADD, Category.CONCAT) or len(node.inputs) < 2 or node.index in absorbed:
             continue
-        cand = _best_candidate(graph, anc, node.index)
+        operands = _summands(graph, node.index, absorbed) if node.category is Category.ADD else node.inputs
+        cand = _best_candidate(graph, anc, node.index, operands)
         if cand is not None:
             found.append((node, cand, _describe(graph, node.index, cand)))
     per_module = Counter(node.module for node, _, _ in found)
@@ -227,7 +263,7 @@ def find_joins(graph: OpGraph) -> list[Join]:
             seen[node.module] += 1
         joins.append(Join(
             id=name, module=node.module, source=node.source, node=node.index, fork=cand.fork,
-            skip_operand=cand.skip_operand, branch_operand=cand.branch_operand,
+            skip_operand=cand.skip_operand, branch_operands=cand.branch_operands,
             branch_weights=cand.branch_weights, **facts,
         ))
     return joins
@@ -237,7 +273,7 @@ def weight_depth(graph: OpGraph) -> int:
     """Weight layers on the longest input -> output path (resnet18: 18, vgg11: 11)."""
     depth = [0] * len(graph.nodes)
     for node in graph.nodes:
-        depth[node.index] = max((depth[i] for i in node.inputs), default=0) + is_weight_layer(node)
+        depth[node.index] = max((depth[i] for i in node.inputs), default=0) + weight_layers(node)
     return max((depth[i] for i in graph.outputs), default=0)
 
 
@@ -247,7 +283,7 @@ def plain_depth(graph: OpGraph, joins: list[Join]) -> tuple[int, int | None]:
     depth = [0] * len(graph.nodes)
     for node in graph.nodes:
         if node.index not in join_nodes:
-            depth[node.index] = max((depth[i] for i in node.inputs), default=0) + is_weight_layer(node)
+            depth[node.index] = max((depth[i] for i in node.inputs), default=0) + weight_layers(node)
     if not depth:
         return 0, None
     end = max(range(len(depth)), key=depth.__getitem__)

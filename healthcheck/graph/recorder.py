@@ -95,18 +95,13 @@ class _OpRecorder(TorchFunctionMode):
         category = taxonomy.override_by_enclosing(module, taxonomy.classify_op(name, len(data_inputs)))
         if touches_param and category is Category.OTHER:
             category = Category.WEIGHT
-        scalar = None
-        if category is Category.SCALE:
-            nums = [a for a in operands if isinstance(a, (int, float)) and not isinstance(a, bool)]
-            if nums:
-                scalar = float(nums[0])
-                if name in ("div", "truediv", "itruediv") and scalar != 0:
-                    scalar = 1.0 / scalar
+        numbers = [a for a in _flatten(args) if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        scalar, param_operand = taxonomy.scale_facts(name, category, numbers, kwargs, touches_param)
         node = OpNode(
             index=len(self.nodes), category=category, op=name, inputs=data_inputs, module=path,
             module_type=type(module).__name__,
             source=_user_source() if category in (Category.ADD, Category.CONCAT) else None,
-            has_param=touches_param, scalar=scalar, param_operand=category is Category.SCALE and touches_param,
+            has_param=touches_param, scalar=scalar, param_operand=param_operand,
             nonnegative=taxonomy.is_nonnegative_op(name), shape=tuple(out_tensors[0].shape),
         )
         if self.observer is not None:
@@ -126,12 +121,14 @@ def _flatten(value: Any) -> list[Any]:
 
 
 def _user_source() -> str | None:
+    """The op's line in model code; the walk stops at healthcheck's own frames (the caller of the
+    model), so a join is never located in the code that called `check`."""
+    frames = []
     frame = sys._getframe(2)
-    while frame is not None:
-        if taxonomy.is_user_frame(frame.f_code.co_filename):
-            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    while frame is not None and not taxonomy.is_own_frame(frame.f_code.co_filename):
+        frames.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
         frame = frame.f_back
-    return None
+    return taxonomy.pick_source(frames[::-1])
 
 
 def _enter(stack: list, name: str, module: nn.Module, args: Any) -> None:

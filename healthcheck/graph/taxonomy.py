@@ -103,6 +103,28 @@ def classify_op(name: str, data_arity: int) -> Category:
     return Category.OTHER
 
 
+def scale_facts(name: str, category: Category, numbers: list[float], kwargs: dict, touches_param: bool
+                ) -> tuple[float | None, bool]:
+    """(constant factor, multiplied by a parameter?) of a mul/div — or add's `alpha`.
+
+    Adding a number or a bias parameter is a shift, not a scale: neither is reported.
+    """
+    if category is Category.ADD:
+        alpha = kwargs.get("alpha")
+        return (float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None), False
+    if category is not Category.SCALE or name not in _MUL_OPS | _DIV_OPS:
+        return None, False
+    scalar = float(numbers[0]) if numbers else None
+    if scalar is not None and name in _DIV_OPS:
+        scalar = 1.0 / scalar if scalar != 0 else None
+    return scalar, touches_param
+
+
+def is_inplace(target_name: str, kwargs: dict) -> bool:
+    """`x.add_(y)`, `F.relu_(x)`, `F.relu(x, inplace=True)`: the first operand is overwritten."""
+    return (target_name.endswith("_") and not target_name.endswith("__")) or kwargs.get("inplace") is True
+
+
 def is_nonnegative_op(name: str) -> bool:
     return name in _NONNEGATIVE_ACTS
 
@@ -192,23 +214,41 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
+_TORCH_MODULES_DIR = os.path.join(_TORCH_DIR, "nn", "modules") + os.sep
+_TORCH_MACHINERY = {os.path.join(_TORCH_MODULES_DIR, name) for name in ("module.py", "container.py")}
+
+
 def is_user_frame(filename: str) -> bool:
-    """A frame of model code (the user's, or torchvision's/transformers'), not torch or us."""
-    return not (
-        filename.startswith(_TORCH_DIR) or filename.startswith(_OWN_DIR) or filename.startswith("<")
-        or "/torch/" in filename and "/site-packages/torch/" in filename
-    )
+    """A frame of model code: the user's, torchvision's, transformers', or torch.nn's own layers
+    (nn.TransformerEncoderLayer makes joins too) — not torch's machinery and not healthcheck."""
+    if filename.startswith(_TORCH_MODULES_DIR):
+        return filename not in _TORCH_MACHINERY
+    return not (filename.startswith(_TORCH_DIR) or filename.startswith(_OWN_DIR) or filename.startswith("<"))
 
 
-_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+def is_own_frame(filename: str) -> bool:
+    return filename.startswith(_OWN_DIR)
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def pick_source(frames: list[tuple[str, int, str]]) -> str | None:
+    """'file:line' for an op, from (file, line, function) frames, innermost last.
+
+    The innermost model-code frame inside a `forward` wins — the line of the block that makes the
+    join, even when the add itself sits in a helper (BLOOM's dropout_add, DenseNet's bn_function)
+    — else the innermost model-code frame. torch.export records only forward frames; this rule
+    gives the same answer for all three tracers.
+    """
+    user = [(f, n, fn) for f, n, fn in frames if is_user_frame(f)]
+    for filename, line, function in reversed(user):
+        if function == "forward":
+            return f"{filename}:{line}"
+    return f"{user[-1][0]}:{user[-1][1]}" if user else None
 
 
 def source_from_stack_trace(stack_trace: str | None) -> str | None:
-    """Last user frame of a formatted traceback, as 'file:line'."""
     if not stack_trace:
         return None
-    frames = _FRAME.findall(stack_trace)
-    for filename, line in reversed(frames):
-        if is_user_frame(filename):
-            return f"{filename}:{line}"
-    return None
+    return pick_source([(f, int(n), fn) for f, n, fn in _FRAME.findall(stack_trace)])

@@ -38,8 +38,16 @@ def _meta_like(value: Any) -> Any:
     return None
 
 
+#: torch.nn modules with residual joins inside: fx must trace into them, not keep them as leaves
+_COMPOSITE_TORCH_MODULES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+                            nn.TransformerDecoder, nn.Transformer)
+
+
 class _FxTracer(fx.Tracer):
     record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return not isinstance(m, _COMPOSITE_TORCH_MODULES) and super().is_leaf_module(m, module_qualified_name)
 
 
 def trace_fx(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> OpGraph:

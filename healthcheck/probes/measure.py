@@ -338,7 +338,9 @@ def _profile(graph: Any, joins: list[Join], nodes: list[int], observer: _StatsOb
         if join is not None and join.scale_on == "sum":
             var *= join.scale**2  # y_k = s·(x_k + f_k(x_k)): the block's output is after the scale
         if join is not None:
-            skip, branch = host.get((join.skip_operand, "operand")), host.get((join.branch_operand, "operand"))
+            skip = host.get((join.skip_operand, "operand"))
+            parts = [host.get((b, "operand")) for b in join.branch_operands]
+            branch = None if None in parts else sum(parts)  # parallel branches: Σ E[b²] (cross terms ≈ 0)
             if depth == 1 and skip is not None:
                 previous = skip
             residual = branch / skip if skip and branch is not None and skip > 0 else None
