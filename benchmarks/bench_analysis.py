@@ -44,8 +44,8 @@ def main() -> None:
         with torch.no_grad():
             forward = median_seconds(lambda: model(x))
         for tracer in ("fx", "export", "hooks"):
-            report = healthcheck.check(model, x, trace=tracer)
-            seconds = median_seconds(lambda: healthcheck.check(model, x, trace=tracer), repeats=3)
+            report = healthcheck.check(model, x, trace=tracer, probes=False)
+            seconds = median_seconds(lambda: healthcheck.check(model, x, trace=tracer, probes=False), repeats=3)
             print(f"{name:<42} {len(report.architecture.joins):>5} {tracer:>7} {seconds:>8.2f} {forward:>10.3f}")
     try:
         import transformers
@@ -55,8 +55,8 @@ def main() -> None:
     model, x = transformers.GPT2LMHeadModel(cfg).eval(), torch.randint(0, 1000, (4, 32))
     with torch.no_grad():
         forward = median_seconds(lambda: model(x))
-    report = healthcheck.check(model, x)
-    seconds = median_seconds(lambda: healthcheck.check(model, x), repeats=3)
+    report = healthcheck.check(model, x, probes=False)
+    seconds = median_seconds(lambda: healthcheck.check(model, x, probes=False), repeats=3)
     print(f"{'HF GPT-2, 50 layers (auto)':<42} {len(report.architecture.joins):>5} {report.model.trace:>7} "
           f"{seconds:>8.2f} {forward:>10.3f}")
 

@@ -60,9 +60,11 @@ def check(model: nn.Module, example_inputs: Any, *, config: Config | None = None
     start = time.perf_counter()
     with preserved(model):
         model.eval()
+        forward_start = time.perf_counter()
         validate_forward(model, args, kwargs)
+        cheap_forward = time.perf_counter() - forward_start < 0.1
         try:
-            architecture = analyze(model, args, kwargs, methods)
+            architecture = analyze(model, args, kwargs, methods, cheap_forward)
         except Exception as exc:  # noqa: BLE001
             raise UsageError(f"could not trace the model ({', '.join(methods)}): {type(exc).__name__}: {exc}") from exc
         measurements = None

@@ -59,6 +59,6 @@ def architecture_of(model: nn.Module, result: TraceResult) -> Architecture:
 
 
 def analyze(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
-            methods: tuple[str, ...] = TRACE_METHODS) -> Architecture:
+            methods: tuple[str, ...] = TRACE_METHODS, cheap_forward: bool = False) -> Architecture:
     """Trace (first method that works) and find joins. The caller guards the model's state."""
-    return architecture_of(model, trace(model, args, kwargs or {}, methods))
+    return architecture_of(model, trace(model, args, kwargs or {}, methods, cheap_forward))

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ class _FxTracer(fx.Tracer):
         return not isinstance(m, _COMPOSITE_TORCH_MODULES) and super().is_leaf_module(m, module_qualified_name)
 
 
-def trace_fx(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> OpGraph:
+def trace_fx(model: nn.Module, args: tuple, kwargs: dict[str, Any], cheap_forward: bool = False) -> OpGraph:
     tracer = _FxTracer()
     graph = tracer.trace(model)
     module = fx.GraphModule(tracer.root, graph)
@@ -65,24 +66,27 @@ def trace_fx(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> OpGraph:
             run_args.append(node.args[0])
         else:
             raise TypeError(f"no example value for forward argument {node.target!r}")
-    values = _propagate(module, run_args)
+    values = _propagate(module, run_args, real=cheap_forward)
     params = {n for n in graph.nodes if n.op == "get_attr" and isinstance(_fetch_attr(model, n.target), nn.Parameter)}
     inputs = {n for n in placeholders}
     return graph_from_fx(graph, model, values.get, inputs, params)
 
 
-def _propagate(module: fx.GraphModule, args: list[Any]) -> dict[fx.Node, Any]:
-    """Which nodes hold tensors (and their shapes): with fake tensors when possible (no compute),
-    else by running the graph once on the real inputs."""
+def _propagate(module: fx.GraphModule, args: list[Any], real: bool) -> dict[fx.Node, Any]:
+    """Which nodes hold tensors (and their shapes). Fake tensors cost no compute but a fixed time
+    per op, so a model whose forward is cheap (`real`) is simply run once; fake-tensor ops that
+    have no kernel fall back to the real run too."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     try:
+        if real:
+            raise NotImplementedError
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         FakeTensorProp(module, mode).propagate(*fake_args)
         return {n: n.meta.get("val") for n in module.graph.nodes}
-    except Exception:  # noqa: BLE001 - ops without fake kernels: run for real
+    except Exception:  # noqa: BLE001
         values: dict[fx.Node, Any] = {}
 
         class _Recorder(fx.Interpreter):
@@ -139,10 +143,11 @@ def trace_hooks(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> OpGrap
 
 
 def trace(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
-          methods: tuple[str, ...] = TRACE_METHODS) -> TraceResult:
-    """The first method that works. The model must already be in the mode to trace (eval)."""
+          methods: tuple[str, ...] = TRACE_METHODS, cheap_forward: bool = False) -> TraceResult:
+    """The first method that works. The model must already be in the mode to trace (eval).
+    `cheap_forward`: running the model once costs less than fake-tensor propagation."""
     kwargs = kwargs or {}
-    tracers = {"fx": trace_fx, "export": trace_export, "hooks": trace_hooks}
+    tracers = {"fx": partial(trace_fx, cheap_forward=cheap_forward), "export": trace_export, "hooks": trace_hooks}
     failures: dict[str, str] = {}
     for method in methods:
         try:
