@@ -139,23 +139,43 @@ def _leave(stack: list, module: nn.Module, args: Any, output: Any) -> None:
     stack.pop()
 
 
+class Session:
+    """A recording that starts and stops around a forward the caller does not run itself (the
+    training monitor arms one in a root pre-forward hook and ends it in the forward hook)."""
+
+    def __init__(self, model: nn.Module, observer: Observer | None = None, skip_dropout: bool = False,
+                 replacements: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.recorder = _OpRecorder(model, observer, skip_dropout, replacements)
+        self.handles: list[Any] = []
+
+    def start(self, inputs: Any) -> None:
+        stack = self.recorder.module_stack
+        for name, module in self.model.named_modules():
+            if module is not self.model:
+                self.handles.append(module.register_forward_pre_hook(partial(_enter, stack, name)))
+                self.handles.append(module.register_forward_hook(partial(_leave, stack), always_call=True))
+        for t in tensors_of(inputs):
+            self.recorder.add_input(t)
+        self.recorder.__enter__()
+
+    def stop(self, output: Any) -> Recording:
+        self.recorder.__exit__(None, None, None)
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        outputs = tuple(dict.fromkeys(i for i in map(self.recorder.node_of, tensors_of(output)) if i is not None))
+        return Recording(OpGraph(self.recorder.nodes, outputs), output)
+
+
 def record(model: nn.Module, args: tuple, kwargs: dict[str, Any], observer: Observer | None = None,
            skip_dropout: bool = False, replacements: dict[str, Any] | None = None) -> Recording:
     """Run `model(*args, **kwargs)` once and record its ops. Grad mode is the caller's."""
-    recorder = _OpRecorder(model, observer, skip_dropout, replacements)
-    handles = []
-    for name, module in model.named_modules():
-        if module is model:
-            continue
-        handles.append(module.register_forward_pre_hook(partial(_enter, recorder.module_stack, name)))
-        handles.append(module.register_forward_hook(partial(_leave, recorder.module_stack)))
-    for t in tensors_of((args, kwargs)):
-        recorder.add_input(t)
+    session = Session(model, observer, skip_dropout, replacements)
+    session.start((args, kwargs))
+    output = None
     try:
-        with recorder:
-            output = model(*args, **kwargs)
+        output = model(*args, **kwargs)
     finally:
-        for h in handles:
-            h.remove()
-    outputs = tuple(dict.fromkeys(i for i in map(recorder.node_of, tensors_of(output)) if i is not None))
-    return Recording(OpGraph(recorder.nodes, outputs), output)
+        recording = session.stop(output)
+    return recording

@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -28,10 +27,11 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.nn import functional as F
 
-from healthcheck.graph.ir import Category, OpNode
-from healthcheck.graph.joins import Join, find_joins, is_weight_layer
+from healthcheck.graph.ir import OpNode
+from healthcheck.graph.joins import Join, find_joins
 from healthcheck.graph.recorder import record
 from healthcheck.probes import stats
+from healthcheck.probes.observer import StatsObserver
 from healthcheck.tensors import forward_kwargs, tensors_of
 
 
@@ -90,10 +90,6 @@ class ProbeOptions:
     loss_fn: Callable[[Any], torch.Tensor] | None = None
 
 
-def _is_join_candidate(node: OpNode) -> bool:
-    return node.category in (Category.ADD, Category.CONCAT) and len(node.inputs) >= 2
-
-
 def _first_float(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return next((t for t in tensors if t.is_floating_point()), None)
 
@@ -126,64 +122,6 @@ class _InputPoint:
         self.done = True
         self.original, self.used = result, self.replace(result)
         return self.used
-
-
-class _StatsObserver:
-    def __init__(self, at_joins: bool, options: ProbeOptions, point: _InputPoint, device: torch.device) -> None:
-        self.at_joins = at_joins
-        self.options = options
-        self.point = point
-        self.values: dict[int, dict[str, torch.Tensor]] = {}  # node index -> statistics
-        self.operand_moments: dict[int, torch.Tensor] = {}
-        self.grads: dict[int, torch.Tensor] = {}
-        self.last_weight: tuple[str, int] | None = None
-        self.generator = torch.Generator().manual_seed(options.seed)
-        self.batch_stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch_norm call, in order
-
-    def on_node(self, node: OpNode, result: Any, operands: list[tuple[int, torch.Tensor]]) -> Any:
-        replaced = self.point.maybe_inject(node, result)
-        if replaced is not None:
-            return replaced
-        if node.op == "batch_norm" and operands:
-            x = operands[0][1].detach()
-            dims = [d for d in range(x.dim()) if d != 1]
-            self.batch_stats.append((x.mean(dim=dims), x.var(dim=dims, unbiased=False)))
-        if is_weight_layer(node):
-            if not self.at_joins and operands:
-                index, tensor = operands[0]
-                self.measure(index, tensor, channel_dim=1 if node.op.startswith("conv") else -1)
-            out = tensors_of(result)
-            if out and out[0].dim() >= 2:
-                features = out[0].shape[1] if node.op.startswith("conv") else out[0].shape[-1]
-                self.last_weight = (node.op, int(features))
-        elif self.at_joins and _is_join_candidate(node) and isinstance(result, torch.Tensor):
-            self.measure(node.index, result, channel_dim=self._channel_dim(result))
-            for index, tensor in operands:
-                self.operand_moments[index] = stats.second_moment(tensor)
-        return None
-
-    def _channel_dim(self, tensor: torch.Tensor) -> int:
-        if tensor.dim() <= 2 or self.last_weight is None:
-            return 1 if tensor.dim() >= 4 else -1
-        op, features = self.last_weight
-        if tensor.shape[-1] == features and tensor.shape[1] != features:
-            return -1
-        if tensor.shape[1] == features and tensor.shape[-1] != features:
-            return 1
-        return 1 if op.startswith("conv") else -1
-
-    def measure(self, index: int, tensor: torch.Tensor, channel_dim: int) -> None:
-        if index in self.values or not tensor.is_floating_point():
-            return
-        rank, participation = stats.effective_ranks(tensor, channel_dim, self.options.max_vectors, self.generator)
-        self.values[index] = {"var": stats.second_moment(tensor), "rank": rank, "participation": participation,
-                              "numel": torch.tensor(float(tensor.numel())),
-                              "rank_size": torch.tensor(float(stats.rank_size(tensor, channel_dim, self.options.max_vectors)))}
-        if tensor.requires_grad:
-            tensor.register_hook(partial(self._on_grad, index))
-
-    def _on_grad(self, index: int, grad: torch.Tensor) -> None:
-        self.grads[index] = grad.detach().float().pow(2).sum()
 
 
 class _TangentObserver:
@@ -258,7 +196,7 @@ def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
     # Pass 1: statistics and gradients
     point = _InputPoint(lambda t: t.detach().clone().requires_grad_(True))
     args1, kwargs1 = point.apply_to_inputs(args, kwargs)
-    observer = _StatsObserver(at_joins, options, point, device)
+    observer = StatsObserver(at_joins, options.max_vectors, options.seed, point)
     with torch.enable_grad():
         recording = record(model, args1, kwargs1, observer, skip_dropout=True)
         output_tensor = _first_float(tensors_of(recording.output))
@@ -308,7 +246,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def _to_host(observer: _StatsObserver, nodes: list[int], input_moment: torch.Tensor) -> dict[str, Any]:
+def _to_host(observer: StatsObserver, nodes: list[int], input_moment: torch.Tensor) -> dict[str, Any]:
     """Every statistic to the host in one transfer."""
     keys, values = ["input_var"], [input_moment.float().reshape(())]
     for n in nodes:
@@ -325,7 +263,7 @@ def _to_host(observer: _StatsObserver, nodes: list[int], input_moment: torch.Ten
     return dict(zip(keys, flat))
 
 
-def _profile(graph: Any, joins: list[Join], nodes: list[int], observer: _StatsObserver, host: dict[Any, float],
+def _profile(graph: Any, joins: list[Join], nodes: list[int], observer: StatsObserver, host: dict[Any, float],
              chi: dict[int, float]) -> list[Point]:
     by_node = {j.node: j for j in joins}
     points: list[Point] = []
@@ -357,8 +295,8 @@ def _profile(graph: Any, joins: list[Join], nodes: list[int], observer: _StatsOb
             residual_ratio=residual,
             grad_norm=math.sqrt(grad_sq) if grad_sq is not None else None,
             grad_rms=math.sqrt(grad_sq / numel) if grad_sq is not None and numel else None,
-            effective_rank=host[(n, "rank")], participation_ratio=host[(n, "participation")],
-            sensitivity=chi.get(n), numel=int(numel), rank_size=int(host[(n, "rank_size")]),
+            effective_rank=host.get((n, "rank")), participation_ratio=host.get((n, "participation")),
+            sensitivity=chi.get(n), numel=int(numel), rank_size=int(host.get((n, "rank_size"), 0)),
         ))
         previous = var
     return points

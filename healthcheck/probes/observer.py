@@ -1,0 +1,92 @@
+"""The observer that takes statistics while a recorded model runs (probes and monitor share it)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from healthcheck.graph.ir import Category, OpNode
+from healthcheck.graph.joins import is_weight_layer
+from healthcheck.probes import stats
+from healthcheck.tensors import tensors_of
+
+
+def is_join_candidate(node: OpNode) -> bool:
+    return node.category in (Category.ADD, Category.CONCAT) and len(node.inputs) >= 2
+
+
+class StatsObserver:
+    """At every point (each join candidate, or each weight layer's input in plain stacks): E[y²], the
+    operands' second moments, the effective rank, and ‖∂L/∂y‖² from a tensor hook; optionally the
+    channels of each non-negative activation that were active for some input (dead units). Every
+    value stays a device tensor. `point`, if given, may replace the input point's tensor."""
+
+    def __init__(self, at_joins: bool, max_vectors: int = 256, seed: int = 0, point: Any = None,
+                 ranks: bool = True, dead_units: bool = False) -> None:
+        self.at_joins = at_joins
+        self.max_vectors = max_vectors
+        self.point = point
+        self.ranks = ranks
+        self.dead_units = dead_units
+        self.active: dict[int, torch.Tensor] = {}  # activation node -> bool per channel: ever > 0
+        self.values: dict[int, dict[str, torch.Tensor]] = {}  # node index -> statistics
+        self.operand_moments: dict[int, torch.Tensor] = {}
+        self.grads: dict[int, torch.Tensor] = {}
+        self.last_weight: tuple[str, int] | None = None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batch_stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch_norm call, in order
+
+    def on_node(self, node: OpNode, result: Any, operands: list[tuple[int, torch.Tensor]]) -> Any:
+        replaced = self.point.maybe_inject(node, result) if self.point is not None else None
+        if replaced is not None:
+            return replaced
+        if self.dead_units and node.category is Category.ACT and node.nonnegative and isinstance(result, torch.Tensor):
+            channel = 1 if result.dim() >= 3 and self.last_weight and self.last_weight[0].startswith("conv") else -1
+            dims = [d for d in range(result.dim()) if d != (channel % result.dim())]
+            self.active[node.index] = (result.detach() > 0).any(dim=dims) if dims else result.detach() > 0
+        if node.op == "batch_norm" and operands:
+            x = operands[0][1].detach()
+            dims = [d for d in range(x.dim()) if d != 1]
+            self.batch_stats.append((x.mean(dim=dims), x.var(dim=dims, unbiased=False)))
+        if is_weight_layer(node):
+            if not self.at_joins and operands:
+                index, tensor = operands[0]
+                self.measure(index, tensor, channel_dim=1 if node.op.startswith("conv") else -1)
+            out = tensors_of(result)
+            if out and out[0].dim() >= 2:
+                features = out[0].shape[1] if node.op.startswith("conv") else out[0].shape[-1]
+                self.last_weight = (node.op, int(features))
+        elif self.at_joins and is_join_candidate(node) and isinstance(result, torch.Tensor):
+            self.measure(node.index, result, channel_dim=self._channel_dim(result))
+            for index, tensor in operands:
+                self.operand_moments[index] = stats.second_moment(tensor)
+        return None
+
+    def _channel_dim(self, tensor: torch.Tensor) -> int:
+        if tensor.dim() <= 2 or self.last_weight is None:
+            return 1 if tensor.dim() >= 4 else -1
+        op, features = self.last_weight
+        if tensor.shape[-1] == features and tensor.shape[1] != features:
+            return -1
+        if tensor.shape[1] == features and tensor.shape[-1] != features:
+            return 1
+        return 1 if op.startswith("conv") else -1
+
+    def measure(self, index: int, tensor: torch.Tensor, channel_dim: int) -> None:
+        if index in self.values or not tensor.is_floating_point():
+            return
+        values = {"var": stats.second_moment(tensor), "numel": torch.tensor(float(tensor.numel()))}
+        if self.ranks:
+            rank, participation = stats.effective_ranks(tensor, channel_dim, self.max_vectors, self.generator)
+            size = stats.rank_size(tensor, channel_dim, self.max_vectors)
+            values.update(rank=rank, participation=participation, rank_size=torch.tensor(float(size)))
+        self.values[index] = values
+        if tensor.requires_grad:
+            tensor.register_hook(partial(self._on_grad, index))
+
+    def _on_grad(self, index: int, grad: torch.Tensor) -> None:
+        self.grads[index] = grad.detach().float().pow(2).sum()
+
+
