@@ -175,11 +175,6 @@ def _loss(output: Any, options: ProbeOptions, generator: torch.Generator, per_sa
     return (out.float() * direction).sum()
 
 
-def _device_of(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.device:
-    tensors = tensors_of((args, kwargs)) + list(model.parameters())
-    return tensors[0].device if tensors else torch.device("cpu")
-
-
 def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None, *, at_joins: bool,
             options: ProbeOptions | None = None) -> Measurements:
     """Run the probes. The caller guards the model's state (see `healthcheck.guard.preserved`):
@@ -187,7 +182,6 @@ def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
     options = options or ProbeOptions()
     kwargs = forward_kwargs(model, kwargs or {})
     start = time.perf_counter()
-    device = _device_of(model, args, kwargs)
     model.train()
     for p in model.parameters():
         p.grad = None
