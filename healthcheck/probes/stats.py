@@ -37,14 +37,19 @@ def effective_ranks(x: torch.Tensor, channel_dim: int, max_vectors: int,
         v = v.index_select(0, index)
     v = v - v.mean(dim=0, keepdim=True)
     n, c = v.shape
-    gram = v @ v.T if n <= c else v.T @ v
-    lam = torch.linalg.eigvalsh(gram.double()).clamp(min=0)
+    gram = (v @ v.T if n <= c else v.T @ v).double()
+    # NaN/Inf activations (a diverged run) would make eigvalsh fail: decompose a harmless matrix and
+    # report NaN, without a host-side check
+    finite = torch.isfinite(gram).all()
+    gram = torch.where(finite, gram, torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
+    lam = torch.linalg.eigvalsh(gram).clamp(min=0)
     total = lam.sum()
     size = min(n, c)
     tiny = torch.finfo(torch.float64).tiny
     labatie = total / lam.max().clamp(min=tiny) / size
     participation = total.pow(2) / lam.pow(2).sum().clamp(min=tiny) / size
-    return labatie.float(), participation.float()
+    nan = torch.full_like(labatie, float("nan"))
+    return torch.where(finite, labatie, nan).float(), torch.where(finite, participation, nan).float()
 
 
 def centred_norm(x: torch.Tensor) -> torch.Tensor:

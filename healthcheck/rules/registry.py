@@ -20,7 +20,8 @@ class RuleContext:
     """What a rule may read. Rules never trace or run the model."""
 
     architecture: Any  # healthcheck.graph.architecture.Architecture
-    measurements: Any = None  # filled by probes (init-time) or the monitor (training)
+    measurements: Any = None  # healthcheck.probes.Measurements: init-time probes or a monitor sample
+    training: Any = None  # healthcheck.monitor.TrainingSample, on the monitor's sampled steps
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def run_rules(context: RuleContext, select: Iterable[str] = ("HC",), ignore: Ite
 
 
 def all_docs() -> str:
-    from healthcheck.rules import measured, structure  # noqa: F401  - registers the rules
+    from healthcheck.rules import measured, structure, training  # noqa: F401  - registers the rules
 
     head = "# healthcheck rules\n\nGenerated from the rule registry by `python -m healthcheck.rules`; do not edit.\n\n"
     return head + "\n".join(REGISTRY[c].docs() for c in sorted(REGISTRY))
