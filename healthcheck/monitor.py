@@ -108,6 +108,10 @@ class HealthMonitor:
         fail_on: severity that "raise" raises at (default "error").
         snr_window: consecutive steps whose gradients estimate the gradient SNR (0 turns it off).
         ranks: compute effective ranks on sampled steps.
+        coordinates: the update ratio and gradient SNR of a tensor are estimated on this many of its
+            coordinates (a fixed random subset; relative error ≈ 1/√n, 1.6% at 4096), so that the
+            monitor never copies whole parameter tensors. None uses every coordinate (exact, but a
+            copy of the watched parameters is held for one step).
         config: thresholds and select/ignore (`[tool.healthcheck]`); by default the HC2xx/HC3xx rules
             that need no extra pass and HC4xx.
     """
@@ -115,8 +119,8 @@ class HealthMonitor:
     def __init__(self, model: nn.Module, log_dir: str | Path | None = None, every: int = 100, *,
                  include: Iterable[str] = ("*",), exclude: Iterable[str] = (), detail: str = "stage",
                  on_finding: str | Callable[[Finding, str], Any] = "warn", fail_on: str = "error",
-                 snr_window: int = 4, ranks: bool = True, config: Config | None = None,
-                 writer: Any = None) -> None:
+                 snr_window: int = 4, ranks: bool = True, coordinates: int | None = 4096,
+                 config: Config | None = None, writer: Any = None) -> None:
         if every < 1:
             raise ValueError(f"every must be ≥ 1, not {every}")
         if detail not in ("stage", "full"):
@@ -136,6 +140,14 @@ class HealthMonitor:
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and self._watched(n)]
         if not self.params:
             raise ValueError("no parameter matches include/exclude; nothing to watch")
+        if coordinates is not None and coordinates < 1:
+            raise ValueError(f"coordinates must be ≥ 1 or None, not {coordinates}")
+        generator = torch.Generator().manual_seed(0)
+        self._coords = [
+            None if coordinates is None or p.numel() <= coordinates
+            else torch.randperm(p.numel(), generator=generator)[:coordinates].to(p.device)
+            for _, p in self.params
+        ]
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self._writer = writer
         self._step = 0
@@ -266,13 +278,18 @@ class HealthMonitor:
             self._pending["grad"] = ([n for n, _, _ in grads], g, w)
             self._pending["nonfinite_grad"] = ~torch.isfinite(g).all()
             self._pending["nonfinite_weight"] = ~torch.isfinite(w).all()
-        self._snapshot = [p.detach().clone() for _, p in self.params]
+        self._snapshot = [t.clone() for t in self._subset(p.detach() for _, p in self.params)]
         if loss is not None:
             self._pending["loss"] = loss.detach().float().reshape(())
 
+    def _subset(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """The sampled coordinates of each watched tensor (all of them for small tensors)."""
+        return [t.reshape(-1) if idx is None else t.reshape(-1).index_select(0, idx)
+                for t, idx in zip(tensors, self._coords)]
+
     def _measure_update(self) -> None:
         snapshot, self._snapshot = self._snapshot, None
-        current = [p.detach() for _, p in self.params]
+        current = self._subset(p.detach() for _, p in self.params)
         deltas = torch._foreach_sub(current, snapshot)
         delta = torch.stack(torch._foreach_norm(deltas))
         base = torch.stack(torch._foreach_norm(snapshot))
@@ -283,7 +300,7 @@ class HealthMonitor:
         if any(g is None for g in grads):
             self._snr_sum = None
             return
-        grads = [g.detach().float() for g in grads]
+        grads = [g.float() for g in self._subset(g.detach() for g in grads)]
         norms = torch.stack(torch._foreach_norm(grads)).pow(2)
         if self._snr_sum is None:
             self._snr_sum, self._snr_sq, self._snr_count = [g.clone() for g in grads], norms, 1
@@ -376,7 +393,7 @@ class HealthMonitor:
             findings = run_rules(context, self.config.select, self.config.ignore, self.config.rule_options)
         events = self._events(findings)
         self._log(sample, findings, events)
-        self._act(events)
+        self._act(events, step)
         return events
 
     def _profile(self, joins: list, host: dict[Any, float]) -> Measurements:
@@ -418,7 +435,7 @@ class HealthMonitor:
         self._active = current
         return events
 
-    def _act(self, events: list[tuple[Finding, str]]) -> None:
+    def _act(self, events: list[tuple[Finding, str]], step: int) -> None:
         if not events or self.on_finding == "ignore":
             return
         if callable(self.on_finding):
@@ -432,7 +449,7 @@ class HealthMonitor:
                 raise HealthError(bad)
         if self.rank == 0:
             for finding, event in events:
-                warnings.warn(f"step {self._step}: {finding.code} {event}: {finding.message}", HealthWarning,
+                warnings.warn(f"step {step}: {finding.code} {event}: {finding.message}", HealthWarning,
                               stacklevel=4)
 
     # -- TensorBoard -------------------------------------------------------------------------------

@@ -216,3 +216,29 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         va, vb = [e.value for e in a.Scalars(tag)], [e.value for e in b.Scalars(tag)]
         assert len(va) == len(vb) >= 2, tag  # 6 steps, every=2 (the SNR of a window goes out with the next sample)
         assert vb == pytest.approx(va, rel=1e-4), tag
+
+
+def test_subsampled_coordinates_estimate_update_ratio_and_snr():
+    """The default (4096 coordinates per tensor) agrees with the exact value within its sampling
+    error: relative error ≈ 1/√4096 = 1.6% per tensor for spread-out updates; allow 3σ."""
+    results = {}
+    for coordinates in (None, 4096):
+        torch.manual_seed(0)
+        model = zoo.PlainStack(depth=4, width=128)
+        monitor = HealthMonitor(model, every=4, snr_window=4, coordinates=coordinates, on_finding="ignore")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            loss = model(torch.randn(32, 128, generator=g)).pow(2).mean()
+            loss.backward()
+            monitor.step(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            monitor.after_optimizer_step()
+        monitor.close()
+        results[coordinates] = monitor.history
+    exact, sampled = results[None], results[4096]
+    for name, value in exact[0].update_ratio.items():
+        assert sampled[0].update_ratio[name] == pytest.approx(value, rel=3 / 64), name
+    big = [n for n, p in zoo.PlainStack(depth=4, width=128).named_parameters() if p.numel() > 4096]
+    assert big and all(sampled[1].grad_snr[n] == pytest.approx(exact[1].grad_snr[n], rel=0.15) for n in big)
