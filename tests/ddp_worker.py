@@ -16,7 +16,34 @@ from healthcheck.monitor import HealthMonitor
 from tests import zoo
 
 
+def nan_on_rank_one(log_dir: str) -> None:
+    """Only rank 1's loss turns NaN; on_finding="raise" must raise on both ranks (rules see the
+    max-reduced flag), so that neither is left waiting in a collective."""
+    from healthcheck.monitor import HealthError
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = DistributedDataParallel(zoo.ScaledResNet(width=16, blocks=2))
+    monitor = HealthMonitor(model, every=2, snr_window=0, on_finding="raise")
+    x = torch.randn(8, 16)
+    try:
+        for step in range(6):
+            loss = model(x).pow(2).mean()
+            loss.backward()  # gradients stay finite: only rank 1's reported loss is NaN
+            reported = loss.detach() * float("nan") if rank == 1 and step == 1 else loss.detach()
+            monitor.step(reported)
+            model.zero_grad()
+    except HealthError:
+        (Path(log_dir) / f"raised.{rank}").touch()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(mode: str, log_dir: str) -> None:
+    if mode == "nan":
+        nan_on_rank_one(log_dir)
+        return
     torch.manual_seed(0)
     model = zoo.ScaledResNet(width=32, blocks=4)
     g = torch.Generator().manual_seed(1)
