@@ -97,19 +97,26 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def check_file(spec: str, config: Config | None = None, device: str | torch.device = "cpu", probes: bool = True,
-               **overrides: Any) -> Report:
-    """`check` on a model file, as the CLI does: `FILE[:NAME]`, config from its pyproject.toml."""
-    from healthcheck.config import load_config
-    from healthcheck.loading import load_target, split_spec
+def load_file(spec: str, config: Config, device: str | torch.device = "cpu") -> tuple[nn.Module, tuple, dict, str]:
+    """The model and inputs of `FILE[:NAME]`, on `device`: (model, args, kwargs, name)."""
+    from healthcheck.loading import load_target
 
-    path, _ = split_spec(spec)
-    config = (config or load_config(path)).override(**overrides)
     target_device = resolve_device(device)
     with torch.random.fork_rng(devices=[]):  # seeded, reproducible init; the caller's RNG untouched
         torch.manual_seed(config.seed)
         target = load_target(spec, config.input_shapes, config.seed)
     model = target.model.to(target_device)
-    args, kwargs = (tuple(a.to(target_device) if isinstance(a, torch.Tensor) else a for a in target.args),
-                    {k: v.to(target_device) if isinstance(v, torch.Tensor) else v for k, v in target.kwargs.items()})
-    return check(model, (args, kwargs), config=config, name=target.name, probes=probes)
+    args = tuple(a.to(target_device) if isinstance(a, torch.Tensor) else a for a in target.args)
+    kwargs = {k: v.to(target_device) if isinstance(v, torch.Tensor) else v for k, v in target.kwargs.items()}
+    return model, args, kwargs, target.name
+
+
+def check_file(spec: str, config: Config | None = None, device: str | torch.device = "cpu", probes: bool = True,
+               **overrides: Any) -> Report:
+    """`check` on a model file, as the CLI does: `FILE[:NAME]`, config from its pyproject.toml."""
+    from healthcheck.config import load_config
+    from healthcheck.loading import split_spec
+
+    config = (config or load_config(split_spec(spec)[0])).override(**overrides)
+    model, args, kwargs, name = load_file(spec, config, device)
+    return check(model, (args, kwargs), config=config, name=name, probes=probes)

@@ -57,6 +57,10 @@ def _split_codes(value: str | None) -> tuple[str, ...] | None:
 @click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the depth profile (each quantity against depth) and findings to TensorBoard here.")
 @click.option("--no-probes", is_flag=True, help="Structure only: skip the init-time measurements (HC2xx, HC3xx).")
+@click.option("--fix", "apply_fix", is_flag=True,
+              help="Apply each suggested fix to a copy, measure it again, and show before/after and the code change.")
+@click.option("--export", "export_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --fix: save the first verified fixed model here (torch.save; load with weights_only=False).")
 @click.option("--trace", type=click.Choice(["auto", "fx", "export", "hooks"]), default=None,
               help="Force one tracer instead of trying fx, then torch.export, then hooks  [default: auto].")
 @click.option("--seed", type=int, default=None, help="Seed for model construction and random inputs  [default: 0].")
@@ -66,7 +70,8 @@ def _split_codes(value: str | None) -> tuple[str, ...] | None:
 @click.option("-v", "--verbose", is_flag=True, help="Say why earlier tracers failed and show more detail.")
 @click.option("--debug", is_flag=True, help="Show the full traceback of errors.")
 def check(target: str, input_shapes: tuple[str, ...], fmt: str, output: Path | None, fail_on: str | None,
-          select: str | None, ignore: str | None, tensorboard_dir: Path | None, no_probes: bool, trace: str | None, seed: int | None, device: str,
+          select: str | None, ignore: str | None, tensorboard_dir: Path | None, no_probes: bool, apply_fix: bool,
+          export_path: Path | None, trace: str | None, seed: int | None, device: str,
           color: bool | None, verbose: bool, debug: bool) -> None:
     """Check the model in FILE (see `healthcheck --help` for how the model is found).
 
@@ -77,7 +82,7 @@ def check(target: str, input_shapes: tuple[str, ...], fmt: str, output: Path | N
     Exit codes: 0 no finding at or above --fail-on, 1 findings at or above it, 2 usage or
     load error.
     """
-    from healthcheck.api import check_file
+    from healthcheck.api import check_file, load_file
     from healthcheck.loading import parse_shape, split_spec
 
     err = Console(stderr=True, highlight=False)
@@ -86,7 +91,20 @@ def check(target: str, input_shapes: tuple[str, ...], fmt: str, output: Path | N
             fail_on=fail_on, select=_split_codes(select), ignore=_split_codes(ignore), trace=trace, seed=seed,
             input_shapes=tuple(parse_shape(s) for s in input_shapes) or None,
         )
-        report = check_file(target, config, device=device, probes=not no_probes)
+        fixes: list = []
+        if export_path is not None and not apply_fix:
+            raise UsageError("--export saves a fixed model: use it with --fix")
+        if apply_fix:
+            if no_probes:
+                raise UsageError("--fix verifies fixes by measuring again: it cannot be used with --no-probes")
+            from healthcheck.fixes import fix as apply_fixes
+
+            model, args, kwargs, name = load_file(target, config, device)
+            report, fixes = apply_fixes(model, (args, kwargs), config=config, name=name)
+            if export_path is not None:
+                _export(fixes, export_path)
+        else:
+            report = check_file(target, config, device=device, probes=not no_probes)
         if tensorboard_dir is not None:
             from healthcheck.report.tensorboard import write_tensorboard
 
@@ -104,16 +122,30 @@ def check(target: str, input_shapes: tuple[str, ...], fmt: str, output: Path | N
         sys.exit(UsageError.exit_code)
 
     if output is not None:
-        output.write_text(render(report, fmt, verbose=verbose))
+        output.write_text(render(report, fmt, verbose=verbose, fixes=fixes))
     elif fmt == "text":
         console = Console(highlight=False, no_color=color is False, force_terminal=color or None)
-        from healthcheck.report.text import THEME, write_text
+        from healthcheck.report.text import THEME, write_fixes, write_text
 
         console.push_theme(THEME)
         write_text(report, console, verbose=verbose)
+        if apply_fix:
+            write_fixes(report, fixes, console)
     else:
-        sys.stdout.write(render(report, fmt, verbose=verbose))
+        sys.stdout.write(render(report, fmt, verbose=verbose, fixes=fixes))
     sys.exit(1 if report.fails(config.fail_on) else 0)
+
+
+def _export(fixes: list, path: Path) -> None:
+    import torch
+
+    verified = [f for f in fixes if f.verified]
+    if not verified:
+        raise UsageError("--export: no fix was verified, nothing to save")
+    try:
+        torch.save(verified[0].model, path)
+    except Exception as exc:  # noqa: BLE001 - pickling a user's model can fail in many ways
+        raise UsageError(f"--export {path}: could not save the fixed model: {type(exc).__name__}: {exc}") from exc
 
 
 @main.command()

@@ -251,3 +251,22 @@ def test_console_script_and_module_entry_points():
     assert proc.returncode == 1 and "HC101" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "healthcheck", "nope.py"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip() == "healthcheck: error: nope.py: no such file"
+
+
+def test_fix_shows_before_after_and_code_change(tmp_path):
+    code, out, err = run(str(EXAMPLES / "deep_resnet_no_norm.py"), "--fix", "--export", str(tmp_path / "fixed.pt"))
+    assert code == 1, err  # the findings of the original model still decide the exit code
+    assert "Fixes applied to a copy and measured again" in out
+    assert "scale_joins" in out and "norm_in_branch" in out and "zero_init_gains" in out
+    assert "+        return (x + self.conv2(F.relu(self.conv1(F.relu(x))))) / math.sqrt(2)" in out
+    import torch
+
+    fixed = torch.load(tmp_path / "fixed.pt", weights_only=False)
+    assert fixed(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    code, out, err = run(str(EXAMPLES / "deep_resnet_no_norm.py"), "--fix", "--format", "json")
+    data = json.loads(out)
+    assert {f["transform"] for f in data["fixes"]} == {"scale_joins", "norm_in_branch", "zero_init_gains"}
+    hc201 = next(f for f in data["findings"] if f["code"] == "HC201")
+    assert hc201["fix"]["verified"]["verified"] is True
+    assert hc201["fix"]["verified"]["after"]["var_ratio_per_block"] < 1.3 < hc201["fix"]["verified"]["before"]["var_ratio_per_block"]
+    assert_usage_error(*run(str(EXAMPLES / "deep_resnet_no_norm.py"), "--export", "x.pt"), "--export", "--fix")

@@ -41,6 +41,7 @@ class Join:
     branch_weights: int  # weight layers on the branch
     branch_ends_nonnegative: bool  # branch output passes a ReLU/sigmoid last (HC105)
     scale_on: str | None = None  # "sum" (s·(x + f)) or "branch" (x + a·f): where `scale` applies
+    branch_norms: tuple[str, ...] = ()  # modules of the branch's normalization ops, in forward order
 
     def to_json(self) -> dict:
         return {
@@ -238,6 +239,8 @@ def _describe(graph: OpGraph, index: int, cand: _Candidate) -> dict:
         "scale_on": "sum" if sum_scale is not None else ("branch" if branch_scale is not None else None),
         "learnable_gain": learnable_gain,
         "branch_ends_nonnegative": nodes[last_real].category is Category.ACT and nodes[last_real].nonnegative,
+        "branch_norms": tuple(dict.fromkeys(nodes[i].module for i in sorted(cand.branch)
+                                            if nodes[i].category is Category.NORM)),
     }
 
 
@@ -246,9 +249,12 @@ def find_joins(graph: OpGraph) -> list[Join]:
     anc = graph.ancestors()
     found = []
     absorbed = _absorbed_adds(graph)
+    outputs = set(graph.outputs)
     for node in graph.nodes:
         if node.category not in (Category.ADD, Category.CONCAT) or len(node.inputs) < 2 or node.index in absorbed:
             continue
+        if not graph.consumers[node.index] and node.index not in outputs:
+            continue  # dead: its result is never used
         operands = _summands(graph, node.index, absorbed) if node.category is Category.ADD else node.inputs
         cand = _best_candidate(graph, anc, node.index, operands)
         if cand is not None:

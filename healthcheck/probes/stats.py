@@ -64,7 +64,10 @@ def neighbour_correlation(grads: torch.Tensor) -> torch.Tensor:
     Row i is the gradient at the i-th input of the line. Centred over the line, the correlation is
     Σ⟨g̃_i, g̃_{i+1}⟩ / √(Σ‖g̃_i‖² Σ‖g̃_{i+1}‖²): ≈1 for a smoothly varying gradient, ≈0 for white noise.
     """
-    g = grads.detach().double().reshape(grads.shape[0], -1)
-    g = g - g.mean(dim=0, keepdim=True)
+    raw = grads.detach().double().reshape(grads.shape[0], -1)
+    g = raw - raw.mean(dim=0, keepdim=True)
     a, b = g[:-1], g[1:]
-    return ((a * b).sum() / (a.pow(2).sum() * b.pow(2).sum()).sqrt().clamp(min=1e-300)).float()
+    correlation = (a * b).sum() / (a.pow(2).sum() * b.pow(2).sum()).sqrt().clamp(min=1e-300)
+    # a gradient that does not change along the line (a linear model) is perfectly smooth
+    constant = g.pow(2).sum() <= 1e-20 * raw.pow(2).sum()
+    return torch.where(constant, torch.ones_like(correlation), correlation).float()

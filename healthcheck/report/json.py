@@ -18,5 +18,9 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def render_json(report: Report) -> str:
-    return json.dumps(_finite(report.to_json()), indent=2) + "\n"
+def render_json(report: Report, fixes: list | None = None) -> str:
+    data = report.to_json()
+    if fixes is not None:
+        data["fixes"] = [{"transform": f.transform, "summary": f.summary, "verified": f.verified, "joins": f.joins,
+                          "before": f.before_numbers, "after": f.after_numbers} for f in fixes]
+    return json.dumps(_finite(data), indent=2) + "\n"

@@ -150,12 +150,60 @@ def finding_text(f: Finding) -> Text:
     return text
 
 
-def render_text(report: Report, *, color: bool = False, verbose: bool = False, width: int | None = None) -> str:
+def render_text(report: Report, *, color: bool = False, verbose: bool = False, width: int | None = None,
+                fixes: list | None = None) -> str:
     buffer = io.StringIO()
     console = Console(file=buffer, theme=THEME, force_terminal=color, no_color=not color,
                       width=width or 120, highlight=False, soft_wrap=False)
     write_text(report, console, verbose=verbose)
+    if fixes is not None:
+        write_fixes(report, fixes, console)
     return buffer.getvalue()
+
+
+#: (key in profile_numbers, label) of the before/after table
+FIX_ROWS = (
+    ("var_ratio_per_block", "variance ratio per block"),
+    ("var_growth", "variance growth, first → last"),
+    ("grad_ratio_first_last", "gradient RMS first / last"),
+    ("max_sensitivity", "max sensitivity χ"),
+    ("min_directions", "min effective rank (directions)"),
+    ("grad_correlation", "gradient correlation"),
+)
+
+
+def write_fixes(report: Report, fixes: list, console: Console) -> None:
+    """Before/after table of the fixes tried, then the code change for each verified one."""
+    from healthcheck.fixes.guidance import suggestion
+
+    console.print()
+    if not fixes:
+        console.print(Text("No automatic fix applies to these findings.", style="hc.dim"))
+        return
+    table = Table(title="Fixes applied to a copy and measured again", title_justify="left", show_edge=False,
+                  header_style="bold", pad_edge=False)
+    table.add_column("quantity")
+    table.add_column("before", justify="right")
+    for f in fixes:
+        table.add_column(f.transform, justify="right")
+    for key, label in FIX_ROWS:
+        values = [fixes[0].before_numbers.get(key)] + [f.after_numbers.get(key) for f in fixes]
+        table.add_row(Text(label), *[_format_value(v) if v is not None else "-" for v in values])
+    table.add_row(Text("findings"), Text(", ".join(fixes[0].before_numbers.get("findings", [])) or "none"),
+                  *[Text(", ".join(f.after_numbers.get("findings", [])) or "none") for f in fixes])
+    table.add_row(Text("verified"), "", *[Text("yes", style="hc.ok") if f.verified else Text("no", style="hc.error")
+                                          for f in fixes])
+    console.print(table)
+    joins = {j.id: j for j in report.architecture.joins}
+    for f in fixes:
+        if not f.verified:
+            continue
+        first = next((joins[i] for i in f.joins if i in joins), None) or next(iter(joins.values()), None)
+        if first is None:
+            continue
+        console.print()
+        console.print(Text(f"{f.transform}: {f.summary} ({len(f.joins)} joins)", style="hc.fix"))
+        console.print(Text(suggestion(f.transform, first)))
 
 
 def write_text(report: Report, console: Console, *, verbose: bool = False) -> None:

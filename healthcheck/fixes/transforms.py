@@ -1,0 +1,190 @@
+"""Fix transforms: each takes a model (with its analysis) and returns a new model; the original is
+never touched (science.md, Fixes).
+
+Two mechanisms:
+- module surgery on a deep copy, when the fix is a change of parameters (zero-init gains);
+- `JoinRewriter`, a wrapper that runs a deep copy under the recorder and rewrites the output of
+  chosen joins while it runs (scale the sum, add a norm or a gain to the branch). It needs no
+  graph rewriting, so it works on every model the recorder can follow; it holds only a deep copy
+  of the model and the fix's new parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from healthcheck.graph.ir import OpGraph, OpNode
+from healthcheck.graph.joins import Join
+from healthcheck.graph.recorder import record
+from healthcheck.probes.observer import is_join_candidate
+from healthcheck.tensors import forward_kwargs
+
+
+@dataclass(frozen=True)
+class Target:
+    """A join as the rewriter finds it again while the model runs: the `ordinal`-th add/concat of
+    two data tensors inside `module` (node indices differ between train and eval mode, this does
+    not), and which of its operands is the skip."""
+
+    join: Join
+    module: str
+    ordinal: int
+    skip_position: int
+    shape: tuple[int, ...]
+
+
+def targets(graph: OpGraph, joins: list[Join]) -> list[Target]:
+    """Targets for the joins whose skip is a direct operand (n-ary sums are left alone)."""
+    ordinals: dict[int, int] = {}
+    seen: dict[str, int] = {}
+    for node in graph.nodes:
+        if is_join_candidate(node):
+            ordinals[node.index] = seen.get(node.module, 0)
+            seen[node.module] = ordinals[node.index] + 1
+    out = []
+    for join in joins:
+        node = graph.nodes[join.node]
+        if join.skip_operand in node.inputs:
+            out.append(Target(join, node.module, ordinals[join.node], node.inputs.index(join.skip_operand),
+                              node.shape or ()))
+    return out
+
+
+class JoinRewriter(nn.Module):
+    """A copy of `model` whose chosen joins are rewritten while it runs (subclasses define
+    `rewrite(target, result, skip, branch)`, `branch` being the sum of the other operands). A rewrite
+    that does not use `result` leaves the original add dead (unused), and dead ops are not joins."""
+
+    def __init__(self, model: nn.Module, chosen: list[Target]) -> None:
+        super().__init__()
+        self.model = model
+        self.targets = {(t.module, t.ordinal): t for t in chosen}
+
+    def rewrite(self, target: Target, result: torch.Tensor, skip: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        rewriter, seen = self, {}
+
+        class _Rewrite:
+            def on_node(self, node: OpNode, result: Any, operands: list[tuple[int, torch.Tensor]]) -> Any:
+                if not is_join_candidate(node):
+                    return None
+                ordinal = seen.get(node.module, 0)
+                seen[node.module] = ordinal + 1
+                target = rewriter.targets.get((node.module, ordinal))
+                if target is None or not isinstance(result, torch.Tensor) or target.skip_position >= len(operands):
+                    return None
+                skip = operands[target.skip_position][1]
+                others = [t for k, (_, t) in enumerate(operands) if k != target.skip_position]
+                branch = others[0] if len(others) == 1 else sum(others[1:], others[0])
+                return rewriter.rewrite(target, result, skip, branch)
+
+        return record(self.model, args, forward_kwargs(self.model, kwargs), _Rewrite()).output
+
+
+def _key(target: Target) -> str:
+    return f"{target.module or 'root'}#{target.ordinal}".replace(".", "_")
+
+
+class ScaledJoins(JoinRewriter):
+    """y = s·(x + f(x))."""
+
+    def __init__(self, model: nn.Module, chosen: list[Target], scale: float) -> None:
+        super().__init__(model, chosen)
+        self.scale = scale
+
+    def rewrite(self, target: Target, result: torch.Tensor, skip: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return result * self.scale
+
+
+class GatedJoins(JoinRewriter):
+    """y = x + α·f(x), α a learnable scalar per join initialized at 0."""
+
+    def __init__(self, model: nn.Module, chosen: list[Target]) -> None:
+        super().__init__(model, chosen)
+        self.gains = nn.ParameterDict({_key(t): nn.Parameter(torch.zeros(())) for t in chosen})
+
+    def rewrite(self, target: Target, result: torch.Tensor, skip: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return skip + self.gains[_key(target)] * branch
+
+
+class NormalizedJoins(JoinRewriter):
+    """y = x + N(f(x)), one norm per join."""
+
+    def __init__(self, model: nn.Module, chosen: list[Target]) -> None:
+        chosen = [t for t in chosen if len(t.shape) in (2, 3, 4, 5)]
+        super().__init__(model, chosen)
+        self.norms = nn.ModuleDict({_key(t): _norm_for(t.shape) for t in chosen})
+
+    def rewrite(self, target: Target, result: torch.Tensor, skip: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return skip + self.norms[_key(target)](branch)
+
+
+@dataclass(frozen=True)
+class Transform:
+    name: str
+    summary: str
+    applies_to: Callable[[Join], bool]
+    build: Callable[[nn.Module, list[Target]], nn.Module]
+
+
+def scale_joins(model: nn.Module, chosen: list[Target], scale: float = 1 / math.sqrt(2)) -> nn.Module:
+    """y = (x + f(x)) / √2 at each join: variance-preserving when var f(x) ≈ var x."""
+    return ScaledJoins(copy.deepcopy(model), chosen, scale)
+
+
+def skip_init(model: nn.Module, chosen: list[Target]) -> nn.Module:
+    """y = x + α·f(x) with a learnable α initialized at 0 (SkipInit, De & Smith 2020)."""
+    return GatedJoins(copy.deepcopy(model), chosen)
+
+
+def zero_init_gains(model: nn.Module, chosen: list[Target]) -> nn.Module:
+    """Zero the weight of the last normalization layer in each branch (torchvision's
+    zero_init_residual, Goyal et al. 2017): every block starts as the identity. Branches without
+    an affine norm get a SkipInit gain instead."""
+    fixed = copy.deepcopy(model)
+    rest = []
+    for target in chosen:
+        norms = target.join.branch_norms
+        weight = getattr(fixed.get_submodule(norms[-1]), "weight", None) if norms else None
+        if isinstance(weight, nn.Parameter):
+            with torch.no_grad():
+                weight.zero_()
+        else:
+            rest.append(target)
+    return skip_init(fixed, rest) if rest else fixed
+
+
+def _norm_for(shape: tuple[int, ...]) -> nn.Module:
+    """BatchNorm over channels for (N, C) vectors and (N, C, H, W[, D]) maps; LayerNorm over the last
+    dimension for (N, T, D) sequences."""
+    if len(shape) == 3:
+        return nn.LayerNorm(shape[-1])
+    return {2: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)](shape[1])
+
+
+def norm_in_branch(model: nn.Module, chosen: list[Target]) -> nn.Module:
+    """y = x + N(f(x)): each branch then adds unit variance, so growth becomes (k+1)/k."""
+    return NormalizedJoins(copy.deepcopy(model), chosen)
+
+
+def _unnormalized(join: Join) -> bool:
+    return join.kind == "add" and join.norm == "none" and join.scale is None and not join.learnable_gain
+
+
+TRANSFORMS: dict[str, Transform] = {
+    t.name: t for t in (
+        Transform("scale_joins", "scale each residual join by 1/√2", _unnormalized, scale_joins),
+        Transform("norm_in_branch", "normalize the output of each residual branch", _unnormalized, norm_in_branch),
+        Transform("zero_init_gains", "zero-init the last norm gain of each branch (SkipInit where it has none)",
+                  lambda j: j.kind == "add" and not j.learnable_gain, zero_init_gains),
+    )
+}

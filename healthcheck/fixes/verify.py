@@ -1,0 +1,98 @@
+"""`fix(model, example_inputs)`: apply each suggested transform to a copy, measure it again with the
+same probes, and report before/after numbers. A fix is verified only when the finding it targets is
+gone (or less severe) on the copy; otherwise it is reported as not verified, not hidden."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from healthcheck.api import check
+from healthcheck.fixes.transforms import TRANSFORMS, targets
+from healthcheck.graph.architecture import analyze
+from healthcheck.guard import preserved
+from healthcheck.loading import as_call_args
+from healthcheck.records import SEVERITIES, Finding, Fix, Report
+from healthcheck.rules.measured import geometric_mean
+
+#: every fix science.md lists for the finding a transform name stands for
+ALTERNATIVES = {"scale_joins": ("scale_joins", "norm_in_branch", "zero_init_gains")}
+
+
+@dataclass
+class FixResult:
+    transform: str
+    summary: str
+    model: nn.Module  # the fixed copy
+    joins: list[str]  # the joins it changed
+    after: Report
+    verified: bool
+    before_numbers: dict[str, Any]
+    after_numbers: dict[str, Any]
+
+
+def profile_numbers(report: Report) -> dict[str, Any]:
+    """The numbers a fix should move (science.md, Fixes)."""
+    m = report.measurements
+    out: dict[str, Any] = {"findings": sorted({f"{f.code}:{f.severity}" for f in report.findings})}
+    if m is None or not m.profile:
+        return out
+    grads = m.series("grad_rms")
+    directions = [p.directions for p in m.profile if p.directions is not None]
+    out.update({
+        "var_ratio_per_block": geometric_mean(m.series("var_ratio")),
+        "var_growth": m.profile[-1].var / m.profile[0].var * (m.profile[0].var_ratio or 1.0),
+        "grad_ratio_first_last": grads[0] / grads[-1] if len(grads) > 1 and grads[-1] > 0 else None,
+        "max_sensitivity": max(m.series("sensitivity"), default=None),
+        "min_directions": min(directions) if directions else None,
+        "grad_correlation": m.grad_correlation,
+    })
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+def _improved(code: str, severity: str, after: Report) -> bool:
+    worst = [f.severity for f in after.findings if f.code == code]
+    return not worst or min(SEVERITIES.index(s) for s in worst) > SEVERITIES.index(severity)
+
+
+def fix(model: nn.Module, example_inputs: Any, **options: Any) -> tuple[Report, list[FixResult]]:
+    """Check `model`, then try every transform its findings suggest on a copy.
+
+    Returns the report — its findings' `fix.verified` filled with before/after numbers — and one
+    `FixResult` per transform tried (with the fixed copy). `model` is not changed.
+    """
+    before = check(model, example_inputs, **options)
+    args, kwargs = as_call_args(example_inputs)
+    with preserved(model):
+        model.eval()
+        architecture = analyze(model, args, kwargs, ("hooks",))  # node order as the rewriter sees it
+    all_targets = targets(architecture.graph, list(architecture.joins))
+    before_numbers = profile_numbers(before)
+    results: list[FixResult] = []
+    wanted = dict.fromkeys(alternative for f in before.findings if f.fix and f.fix.transform in TRANSFORMS
+                           for alternative in ALTERNATIVES.get(f.fix.transform, (f.fix.transform,)))
+    for name in wanted:
+        transform = TRANSFORMS[name]
+        chosen = [t for t in all_targets if transform.applies_to(t.join)]
+        if not chosen:
+            continue
+        fixed = transform.build(model, chosen)
+        after = check(fixed, example_inputs, **{**options, "trace": "hooks"})
+        targeted = [f for f in before.findings if f.fix and name in ALTERNATIVES.get(f.fix.transform, (f.fix.transform,))]
+        verified = all(_improved(f.code, f.severity, after) for f in targeted)
+        results.append(FixResult(name, transform.summary, fixed, [t.join.id for t in chosen], after, verified,
+                                 before_numbers, profile_numbers(after)))
+    by_transform = {r.transform: r for r in results}  # a finding shows its own transform's numbers
+    findings: list[Finding] = []
+    for f in before.findings:
+        result = by_transform.get(f.fix.transform) if f.fix else None
+        if result is not None:
+            verified = {"before": result.before_numbers, "after": result.after_numbers, "verified": result.verified,
+                        "transform": result.transform, "joins": result.joins}
+            f = dataclasses.replace(f, fix=Fix(f.fix.summary, f.fix.transform, verified))
+        findings.append(f)
+    return dataclasses.replace(before, findings=findings), results

@@ -1,0 +1,78 @@
+"""Verified fixes (science.md, Fixes): each transform on a model that has the problem gives the
+expected after-numbers; the original is untouched; shapes and parameter counts are as documented."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from healthcheck.fixes import TRANSFORMS, fix
+from healthcheck.graph.architecture import analyze
+from healthcheck.fixes.transforms import targets
+from healthcheck.rules.measured import geometric_mean
+from tests.test_guarantee import assert_same, snapshot
+from tests.test_physics import BATCH, BLOCKS, WIDTH, probe, residual
+
+
+@pytest.fixture(scope="module")
+def fixed():
+    torch.manual_seed(0)
+    model = residual(bn=False)
+    x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(1))
+    before = snapshot(model)
+    report, results = fix(model, x)
+    assert_same(before, snapshot(model))  # the original model is byte-identical
+    return model, x, report, {r.transform: r for r in results}
+
+
+def test_all_fixes_of_variance_doubling_are_tried_and_verified(fixed):
+    model, x, report, results = fixed
+    assert set(results) == {"scale_joins", "norm_in_branch", "zero_init_gains"}
+    assert all(r.verified for r in results.values())
+    for finding in report.findings:
+        if finding.code in ("HC101", "HC201"):
+            assert finding.fix.verified["verified"] is True
+            assert finding.fix.verified["before"]["var_ratio_per_block"] == pytest.approx(2.0, rel=0.05)
+
+
+def test_scaling_by_inverse_sqrt2_gives_ratio_one(fixed):
+    ratio = fixed[3]["scale_joins"].after_numbers["var_ratio_per_block"]
+    assert ratio == pytest.approx(1.0, rel=0.05)
+
+
+def test_norm_in_branch_gives_linear_growth(fixed):
+    profile = probe(fixed[3]["norm_in_branch"].model).profile
+    for k, point in enumerate(profile, start=1):  # input E[x²] = 1, each branch adds exactly 1
+        assert point.var_ratio == pytest.approx((k + 1) / k, rel=0.03), k
+
+
+def test_zero_init_gain_starts_every_block_as_identity(fixed):
+    after = probe(fixed[3]["zero_init_gains"].model)
+    assert geometric_mean(after.series("var_ratio")) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_shapes_and_parameter_counts(fixed):
+    model, x, _, results = fixed
+    count = sum(p.numel() for p in model.parameters())
+    expected_extra = {"scale_joins": 0, "zero_init_gains": BLOCKS, "norm_in_branch": BLOCKS * 2 * WIDTH}
+    for name, result in results.items():
+        fixed_model = result.model
+        assert fixed_model(x).shape == model(x).shape, name
+        assert sum(p.numel() for p in fixed_model.parameters()) == count + expected_extra[name], name
+
+
+def test_zero_init_uses_the_branch_norm_when_there_is_one():
+    torch.manual_seed(0)
+    model = residual(bn=True, blocks=4)
+    model.eval()
+    arch = analyze(model, (torch.randn(8, WIDTH),), {}, ("hooks",))
+    chosen = targets(arch.graph, list(arch.joins))
+    fixed_model = TRANSFORMS["zero_init_gains"].build(model, chosen)
+    assert sum(p.numel() for p in fixed_model.parameters()) == sum(p.numel() for p in model.parameters())
+    assert all(float(block.bn2.weight.abs().sum()) == 0 for block in fixed_model)  # the last norm of each branch
+    assert all(float(block.bn2.weight.abs().sum()) > 0 for block in model)  # the original keeps its gains
+    x = torch.randn(8, WIDTH)
+    fixed_model.eval()
+    assert torch.allclose(fixed_model(x), x)  # every block starts as the identity
