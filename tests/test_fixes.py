@@ -74,3 +74,38 @@ def test_zero_init_uses_the_branch_norm_when_there_is_one():
     x = torch.randn(8, WIDTH)
     fixed_model.eval()
     assert torch.allclose(fixed_model(x), x)  # every block starts as the identity
+
+
+def test_post_ln_becomes_pre_ln():
+    from tests import zoo
+
+    torch.manual_seed(0)
+    model = zoo.Transformer(zoo.PostLNBlock, layers=24)
+    x = torch.randint(0, 100, (8, 16))
+    before = snapshot(model)
+    report, results = fix(model, x)
+    assert_same(before, snapshot(model))
+    [result] = [r for r in results if r.transform == "pre_ln"]
+    assert result.verified and "HC103:error" in result.before_numbers["findings"]
+    assert not any(f.startswith("HC103") for f in result.after_numbers["findings"])
+    fixed_arch = analyze(result.model.eval(), (x,), {})
+    assert len(fixed_arch.joins) == 48
+    assert {(j.norm, j.pre_activation) for j in fixed_arch.joins} == {("branch", True)}
+    assert result.model(x).shape == model(x).shape
+    # 48 LayerNorms move into the branches; the last post-norm stays as the final norm: one more LayerNorm
+    extra = sum(p.numel() for p in result.model.parameters()) - sum(p.numel() for p in model.parameters())
+    assert extra == 2 * 32
+
+
+def test_bert_post_ln_to_pre_ln():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                  vocab_size=100)
+    model = transformers.BertModel(cfg)
+    tokens = torch.randint(0, 100, (4, 12))
+    _, results = fix(model, tokens, rule_options={"HC103": {"warn_joins": 2}})
+    [result] = [r for r in results if r.transform == "pre_ln"]
+    fixed_arch = analyze(result.model.eval(), (tokens,), {})
+    assert len(fixed_arch.joins) == 4 and {j.norm for j in fixed_arch.joins} == {"branch"}
+    assert all(j.pre_activation for j in fixed_arch.joins)

@@ -61,4 +61,9 @@ def suggestion(transform: str, join: Join) -> str:
         return (f"normalize the branch before the add, {where}:\n"
                 "    self.norm = nn.BatchNorm2d(channels)   # or nn.LayerNorm(features) for sequences\n"
                 "    return x + self.norm(f(x))")
+    if transform == "pre_ln" and join.post_norm:
+        norm = join.post_norm.rpartition(".")[2]
+        return (f"move the norm into the branch (Pre-LN), {where}:\n"
+                f"    x = x + f(self.{norm}(x))        # instead of x = self.{norm}(x + f(x))\n"
+                "and keep one final norm after the last block")
     return f"scale the sum by 1/√2 {where}: y = (x + f(x)) / math.sqrt(2)"

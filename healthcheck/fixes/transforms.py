@@ -176,6 +176,54 @@ def norm_in_branch(model: nn.Module, chosen: list[Target]) -> nn.Module:
     return NormalizedJoins(copy.deepcopy(model), chosen)
 
 
+class PreNorm(nn.Module):
+    """`norm` applied to the tensor a branch starts from, then the branch's first module."""
+
+    def __init__(self, norm: nn.Module, module: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.module = norm, module
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        normed = self.norm(x)
+        args = tuple(normed if a is x else a for a in args)  # attention called as (x, x, x)
+        return self.module(normed, *args, **kwargs)
+
+
+def _common_module(paths: tuple[str, ...]) -> str:
+    parts = [p.split(".") for p in paths]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def pre_ln(model: nn.Module, chosen: list[Target]) -> nn.Module:
+    """Post-LN → Pre-LN (Xiong et al. 2020): y = LN(x + f(x)) becomes y = x + f(LN(x)). Each join's
+    norm moves to the start of its branch (wrapping the branch's first module); the last one stays
+    where it is, as the final norm after the last block."""
+    fixed = copy.deepcopy(model)
+    joins = [t.join for t in chosen if t.join.post_norm and t.join.branch_entries]
+    for i, join in enumerate(joins):
+        norm = fixed.get_submodule(join.post_norm)
+        entry = _common_module(join.branch_entries)
+        if not entry or entry == join.module or not entry.startswith(join.module):
+            entries = join.branch_entries  # no single module holds the whole branch start
+        else:
+            entries = (entry,)
+        for path in entries:
+            _set_submodule(fixed, path, PreNorm(copy.deepcopy(norm), fixed.get_submodule(path)))
+        if i < len(joins) - 1:
+            _set_submodule(fixed, join.post_norm, nn.Identity())
+    return fixed
+
+
 def _unnormalized(join: Join) -> bool:
     return join.kind == "add" and join.norm == "none" and join.scale is None and not join.learnable_gain
 
@@ -186,5 +234,7 @@ TRANSFORMS: dict[str, Transform] = {
         Transform("norm_in_branch", "normalize the output of each residual branch", _unnormalized, norm_in_branch),
         Transform("zero_init_gains", "zero-init the last norm gain of each branch (SkipInit where it has none)",
                   lambda j: j.kind == "add" and not j.learnable_gain, zero_init_gains),
+        Transform("pre_ln", "move each join's LayerNorm to the start of its branch (Post-LN → Pre-LN)",
+                  lambda j: j.norm == "post" and j.post_norm is not None, pre_ln),
     )
 }

@@ -42,6 +42,8 @@ class Join:
     branch_ends_nonnegative: bool  # branch output passes a ReLU/sigmoid last (HC105)
     scale_on: str | None = None  # "sum" (s·(x + f)) or "branch" (x + a·f): where `scale` applies
     branch_norms: tuple[str, ...] = ()  # modules of the branch's normalization ops, in forward order
+    branch_entries: tuple[str, ...] = ()  # modules of the branch's first ops (they read the fork)
+    post_norm: str | None = None  # the module normalizing the join's output (norm == "post")
 
     def to_json(self) -> dict:
         return {
@@ -241,6 +243,8 @@ def _describe(graph: OpGraph, index: int, cand: _Candidate) -> dict:
         "branch_ends_nonnegative": nodes[last_real].category is Category.ACT and nodes[last_real].nonnegative,
         "branch_norms": tuple(dict.fromkeys(nodes[i].module for i in sorted(cand.branch)
                                             if nodes[i].category is Category.NORM)),
+        "branch_entries": tuple(dict.fromkeys(nodes[i].module for i in sorted(entries))),
+        "post_norm": nodes[after[0]].module if norm == "post" and len(after) == 1 else None,
     }
 
 
