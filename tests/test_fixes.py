@@ -109,3 +109,20 @@ def test_bert_post_ln_to_pre_ln():
     fixed_arch = analyze(result.model.eval(), (tokens,), {})
     assert len(fixed_arch.joins) == 4 and {j.norm for j in fixed_arch.joins} == {"branch"}
     assert all(j.pre_activation for j in fixed_arch.joins)
+
+
+def test_pre_activation_makes_the_skip_path_an_identity():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.resnet18(weights=None)
+    x = torch.randn(4, 3, 32, 32)
+    before = snapshot(model)
+    _, results = fix(model, x, rule_options={"HC102": {"warn_joins": 4}})
+    assert_same(before, snapshot(model))
+    [result] = [r for r in results if r.transform == "pre_activation"]
+    assert result.verified and "HC102:warning" in result.before_numbers["findings"]
+    fixed_arch = analyze(result.model.eval(), (x,), {}, ("hooks",))
+    assert len(fixed_arch.joins) == 8 and not any(j.activation_after_join for j in fixed_arch.joins)
+    assert all(m.inplace is False for m in result.model.modules() if hasattr(m, "inplace"))
+    assert result.model(x).shape == model(x).shape
+    assert sum(p.numel() for p in result.model.parameters()) == sum(p.numel() for p in model.parameters())

@@ -61,6 +61,11 @@ def suggestion(transform: str, join: Join) -> str:
         return (f"normalize the branch before the add, {where}:\n"
                 "    self.norm = nn.BatchNorm2d(channels)   # or nn.LayerNorm(features) for sequences\n"
                 "    return x + self.norm(f(x))")
+    if transform == "pre_activation":
+        return (f"drop the activation after the add and apply it where the branch starts, {where}:\n"
+                "    out = self.conv1(F.relu(x))   # ... the rest of the branch\n"
+                "    return out + identity          # instead of relu(out + identity)\n"
+                "(full pre-activation also moves the norm: bn → relu → conv in the branch)")
     if transform == "pre_ln" and join.post_norm:
         norm = join.post_norm.rpartition(".")[2]
         return (f"move the norm into the branch (Pre-LN), {where}:\n"

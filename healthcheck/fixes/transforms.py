@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from healthcheck.graph.ir import OpGraph, OpNode
+from healthcheck.graph.ir import Category, OpGraph, OpNode
 from healthcheck.graph.joins import Join
 from healthcheck.graph.recorder import record
 from healthcheck.probes.observer import is_join_candidate
@@ -38,22 +38,30 @@ class Target:
     ordinal: int
     skip_position: int
     shape: tuple[int, ...]
+    post_activation: tuple[str, int, str] | None = None  # (module, ordinal among its activations, op)
 
 
 def targets(graph: OpGraph, joins: list[Join]) -> list[Target]:
     """Targets for the joins whose skip is a direct operand (n-ary sums are left alone)."""
     ordinals: dict[int, int] = {}
-    seen: dict[str, int] = {}
+    seen: dict[tuple[str, bool], int] = {}
     for node in graph.nodes:
-        if is_join_candidate(node):
-            ordinals[node.index] = seen.get(node.module, 0)
-            seen[node.module] = ordinals[node.index] + 1
+        kind = (node.module, node.category is Category.ACT)
+        if is_join_candidate(node) or node.category is Category.ACT:
+            ordinals[node.index] = seen.get(kind, 0)
+            seen[kind] = ordinals[node.index] + 1
     out = []
     for join in joins:
         node = graph.nodes[join.node]
-        if join.skip_operand in node.inputs:
-            out.append(Target(join, node.module, ordinals[join.node], node.inputs.index(join.skip_operand),
-                              node.shape or ()))
+        if join.skip_operand not in node.inputs:
+            continue
+        post = None
+        consumers = graph.consumers[join.node]
+        if join.activation_after_join and len(consumers) == 1 and graph.nodes[consumers[0]].category is Category.ACT:
+            act = graph.nodes[consumers[0]]
+            post = (act.module, ordinals[act.index], act.op)
+        out.append(Target(join, node.module, ordinals[join.node], node.inputs.index(join.skip_operand),
+                          node.shape or (), post))
     return out
 
 
@@ -70,11 +78,19 @@ class JoinRewriter(nn.Module):
     def rewrite(self, target: Target, result: torch.Tensor, skip: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def rewrite_activation(self, key: tuple[str, int], result: torch.Tensor, operand: torch.Tensor) -> torch.Tensor | None:
+        """Replace an activation's output (None keeps it)."""
+        return None
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        rewriter, seen = self, {}
+        rewriter, seen, acts = self, {}, {}
 
         class _Rewrite:
             def on_node(self, node: OpNode, result: Any, operands: list[tuple[int, torch.Tensor]]) -> Any:
+                if node.category is Category.ACT and operands:
+                    ordinal = acts.get(node.module, 0)
+                    acts[node.module] = ordinal + 1
+                    return rewriter.rewrite_activation((node.module, ordinal), result, operands[0][1])
                 if not is_join_candidate(node):
                     return None
                 ordinal = seen.get(node.module, 0)
@@ -88,6 +104,21 @@ class JoinRewriter(nn.Module):
                 return rewriter.rewrite(target, result, skip, branch)
 
         return record(self.model, args, forward_kwargs(self.model, kwargs), _Rewrite()).output
+
+
+class TrunkActivationRemoved(JoinRewriter):
+    """The activation after each chosen join passes its input through: the skip path becomes an
+    exact identity (the branch gets the activation at its start instead, see `pre_activation`)."""
+
+    def __init__(self, model: nn.Module, chosen: list[Target]) -> None:
+        super().__init__(model, chosen)
+        self.removed = {t.post_activation[:2] for t in chosen if t.post_activation}
+
+    def rewrite(self, target: Target, result: torch.Tensor, skip: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return result
+
+    def rewrite_activation(self, key: tuple[str, int], result: torch.Tensor, operand: torch.Tensor) -> torch.Tensor | None:
+        return operand if key in self.removed else None
 
 
 def _key(target: Target) -> str:
@@ -177,7 +208,8 @@ def norm_in_branch(model: nn.Module, chosen: list[Target]) -> nn.Module:
 
 
 class PreNorm(nn.Module):
-    """`norm` applied to the tensor a branch starts from, then the branch's first module."""
+    """`norm` (a norm or an activation) applied to the tensor a branch starts from, then the
+    branch's first module."""
 
     def __init__(self, norm: nn.Module, module: nn.Module) -> None:
         super().__init__()
@@ -224,6 +256,31 @@ def pre_ln(model: nn.Module, chosen: list[Target]) -> nn.Module:
     return fixed
 
 
+_ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU, "hardswish": nn.Hardswish,
+                "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "tanh": nn.Tanh, "mish": nn.Mish}
+
+
+def pre_activation(model: nn.Module, chosen: list[Target]) -> nn.Module:
+    """relu(x + f(x)) becomes x + f(relu(x)): the activation after each join moves to the start of
+    its branch, so the skip path is an exact identity (He et al. 2016, identity mappings)."""
+    fixed = copy.deepcopy(model)
+    for module in fixed.modules():  # an in-place activation would rectify the join's output itself
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    chosen = [t for t in chosen if t.post_activation and t.join.branch_entries]
+    for target in chosen:
+        activation = _ACTIVATIONS.get(target.post_activation[2], nn.ReLU)()
+        entries = target.join.branch_entries
+        entry = _common_module(entries)
+        join_module = target.join.module
+        if entry and entry != join_module and entry.startswith(join_module):
+            entries = (entry,)
+        for path in entries:
+            if path:
+                _set_submodule(fixed, path, PreNorm(copy.deepcopy(activation), fixed.get_submodule(path)))
+    return TrunkActivationRemoved(fixed, chosen)
+
+
 def _unnormalized(join: Join) -> bool:
     return join.kind == "add" and join.norm == "none" and join.scale is None and not join.learnable_gain
 
@@ -236,5 +293,7 @@ TRANSFORMS: dict[str, Transform] = {
                   lambda j: j.kind == "add" and not j.learnable_gain, zero_init_gains),
         Transform("pre_ln", "move each join's LayerNorm to the start of its branch (Post-LN → Pre-LN)",
                   lambda j: j.norm == "post" and j.post_norm is not None, pre_ln),
+        Transform("pre_activation", "move the activation after each join to the start of its branch",
+                  lambda j: j.activation_after_join, pre_activation),
     )
 }
