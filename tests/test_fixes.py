@@ -126,3 +126,36 @@ def test_pre_activation_makes_the_skip_path_an_identity():
     assert all(m.inplace is False for m in result.model.modules() if hasattr(m, "inplace"))
     assert result.model(x).shape == model(x).shape
     assert sum(p.numel() for p in result.model.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_skips_added_to_a_deep_plain_bn_stack_remove_its_errors():
+    from tests import zoo
+
+    torch.manual_seed(0)
+    model = zoo.PlainStack(48, 256, norm=True)
+    x = torch.randn(128, 256, generator=torch.Generator().manual_seed(0))
+    before = snapshot(model)
+    _, results = fix(model, x)
+    assert_same(before, snapshot(model))
+    [result] = [r for r in results if r.transform == "add_skips"]
+    assert result.verified
+    assert "HC204:error" in result.before_numbers["findings"]
+    assert not any(f.endswith(":error") for f in result.after_numbers["findings"])
+    # per layer, the gradient no longer grows ×1.21 going backwards (science.md, Fixes: ≈ 1): the plain
+    # profile has a point per layer (48), the fixed one a point per 2-layer block (24)
+    before_per_layer = result.before_numbers["grad_ratio_first_last"] ** (1 / 47)
+    after_per_layer = result.after_numbers["grad_ratio_first_last"] ** (1 / (2 * 23))
+    assert before_per_layer == pytest.approx(1.21, rel=0.05)
+    assert after_per_layer < 1.1
+    assert result.model(x).shape == model(x).shape
+    assert sum(p.numel() for p in result.model.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_skips_without_norm_are_not_verified_for_a_plain_stack_without_bn():
+    """Adding skips alone to a plain stack without BN makes the variance explode: reported, not hidden."""
+    from tests import zoo
+
+    torch.manual_seed(0)
+    _, results = fix(zoo.PlainStack(48, 256, norm=False), torch.randn(128, 256))
+    [result] = [r for r in results if r.transform == "add_skips"]
+    assert result.verified is False and "HC201:error" in result.after_numbers["findings"]

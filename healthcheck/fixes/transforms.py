@@ -23,6 +23,7 @@ from torch import nn
 from healthcheck.graph.ir import Category, OpGraph, OpNode
 from healthcheck.graph.joins import Join
 from healthcheck.graph.recorder import record
+from healthcheck.graph.taxonomy import classify_module
 from healthcheck.probes.observer import is_join_candidate
 from healthcheck.tensors import forward_kwargs
 
@@ -254,6 +255,90 @@ def pre_ln(model: nn.Module, chosen: list[Target]) -> nn.Module:
         if i < len(joins) - 1:
             _set_submodule(fixed, join.post_norm, nn.Identity())
     return fixed
+
+
+class Residual(nn.Module):
+    """x + branch(x), then `after` (the activation that ended the wrapped layers)."""
+
+    def __init__(self, branch: nn.Module, after: nn.Module | None = None) -> None:
+        super().__init__()
+        self.branch = branch
+        self.after = after if after is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.after(x + self.branch(x))
+
+
+def _shapes_of_children(model: nn.Module, args: tuple, kwargs: dict) -> dict[nn.Module, tuple]:
+    shapes: dict[nn.Module, tuple] = {}
+
+    def remember(module: nn.Module, inputs: tuple, output: Any) -> None:
+        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            shapes.setdefault(module, (tuple(inputs[0].shape), tuple(output.shape)))
+
+    handles = [m.register_forward_hook(remember) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def _group_units(units: list[list[nn.Module]], shapes: dict[nn.Module, tuple], per_block: int
+                 ) -> tuple[list[nn.Module], int]:
+    """Consecutive shape-preserving (weight → … → activation) units, `per_block` at a time, as
+    Residual blocks; everything else unchanged, in order."""
+    rebuilt: list[nn.Module] = []
+    pending: list[list[nn.Module]] = []
+    added = 0
+    for unit in units:
+        weights = [m for m in unit if classify_module(m) is Category.WEIGHT]
+        eligible = (len(weights) == 1 and classify_module(unit[-1]) is Category.ACT
+                    and all(m in shapes and shapes[m][0] == shapes[m][1] for m in weights))
+        if not eligible:
+            rebuilt.extend(m for u in pending for m in u)
+            pending.clear()
+            rebuilt.extend(unit)
+            continue
+        pending.append(unit)
+        if len(pending) == per_block:
+            modules = [m for u in pending for m in u]
+            rebuilt.append(Residual(nn.Sequential(*modules[:-1]), modules[-1]))
+            pending.clear()
+            added += 1
+    rebuilt.extend(m for u in pending for m in u)
+    return rebuilt, added
+
+
+def add_skips(model: nn.Module, args: tuple, kwargs: dict, layers_per_block: int = 2) -> tuple[nn.Module, int]:
+    """Wrap runs of shape-preserving layers inside nn.Sequential containers into residual blocks:
+    every `layers_per_block` (weight → norm → activation) units become relu(x + f(x)), f ending at
+    the last unit's norm. Returns the copy and how many skips were added."""
+    fixed = copy.deepcopy(model)
+    shapes = _shapes_of_children(fixed, args, kwargs)
+    added = 0
+    for container in [m for m in fixed.modules() if isinstance(m, nn.Sequential)]:
+        children = list(container.children())
+        units: list[list[nn.Module]] = []
+        current: list[nn.Module] = []
+        for child in children:
+            current.append(child)
+            if classify_module(child) is Category.ACT:
+                units.append(current)
+                current = []
+        if current:
+            units.append(current)
+        rebuilt, count = _group_units(units, shapes, layers_per_block)
+        added += count
+        if count:
+            for name in [n for n, _ in container.named_children()]:
+                delattr(container, name)
+            for i, module in enumerate(rebuilt):
+                container.add_module(str(i), module)
+    return fixed, added
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU, "hardswish": nn.Hardswish,

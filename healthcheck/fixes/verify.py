@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from healthcheck.api import check
-from healthcheck.fixes.transforms import TRANSFORMS, targets
+from healthcheck.fixes.transforms import TRANSFORMS, add_skips, targets
 from healthcheck.graph.architecture import analyze
 from healthcheck.guard import preserved
 from healthcheck.loading import as_call_args
@@ -73,6 +73,7 @@ def fix(model: nn.Module, example_inputs: Any, **options: Any) -> tuple[Report, 
     all_targets = targets(architecture.graph, list(architecture.joins))
     before_numbers = profile_numbers(before)
     results: list[FixResult] = []
+    transforms_of: dict[int, str] = {}  # finding -> the transform that answers it, when not fix.transform
     wanted = dict.fromkeys(alternative for f in before.findings if f.fix and f.fix.transform in TRANSFORMS
                            for alternative in ALTERNATIVES.get(f.fix.transform, (f.fix.transform,)))
     for name in wanted:
@@ -86,10 +87,21 @@ def fix(model: nn.Module, example_inputs: Any, **options: Any) -> tuple[Report, 
         verified = all(_improved(f.code, f.severity, after) for f in targeted)
         results.append(FixResult(name, transform.summary, fixed, [t.join.id for t in chosen], after, verified,
                                  before_numbers, profile_numbers(after)))
+    plain = [f for f in before.findings if f.code in ("HC104", "HC203", "HC204", "HC303") and not architecture.joins]
+    if plain:  # a plain stack: the fix is to add skips (science.md, Fixes)
+        with preserved(model):
+            fixed, added = add_skips(model, args, kwargs)
+        if added:
+            after = check(fixed, example_inputs, **options)
+            verified = all(_improved(f.code, f.severity, after) for f in plain)
+            results.append(FixResult("add_skips", f"add a residual connection around every 2 layers ({added} skips)",
+                                     fixed, [], after, verified, before_numbers, profile_numbers(after)))
+            for f in plain:
+                transforms_of[id(f)] = "add_skips"
     by_transform = {r.transform: r for r in results}  # a finding shows its own transform's numbers
     findings: list[Finding] = []
     for f in before.findings:
-        result = by_transform.get(f.fix.transform) if f.fix else None
+        result = by_transform.get(transforms_of.get(id(f), f.fix.transform if f.fix else None))
         if result is not None:
             verified = {"before": result.before_numbers, "after": result.after_numbers, "verified": result.verified,
                         "transform": result.transform, "joins": result.joins}
