@@ -151,11 +151,20 @@ def test_skips_added_to_a_deep_plain_bn_stack_remove_its_errors():
     assert sum(p.numel() for p in result.model.parameters()) == sum(p.numel() for p in model.parameters())
 
 
-def test_skips_without_norm_are_not_verified_for_a_plain_stack_without_bn():
-    """Adding skips alone to a plain stack without BN makes the variance explode: reported, not hidden."""
+def test_skips_with_bn_keep_the_rank_of_a_plain_stack_without_bn():
+    """Rank collapse in a deep plain stack → add skips with BN: the effective rank stays high."""
     from tests import zoo
 
     torch.manual_seed(0)
-    _, results = fix(zoo.PlainStack(48, 256, norm=False), torch.randn(128, 256))
+    model = zoo.PlainStack(48, 256, norm=False)
+    x = torch.randn(128, 256)
+    _, results = fix(model, x)
     [result] = [r for r in results if r.transform == "add_skips"]
-    assert result.verified is False and "HC201:error" in result.after_numbers["findings"]
+    assert result.verified and "HC203:error" in result.before_numbers["findings"]
+    assert result.before_numbers["min_directions"] < 2.5
+    # no longer collapsed: above HC203's warning threshold, and HC203 is gone
+    assert result.after_numbers["min_directions"] > 3.0
+    assert not any(f.startswith("HC203") for f in result.after_numbers["findings"])
+    # one BatchNorm1d(256) per block: 24 × 2 × 256 parameters more
+    extra = sum(p.numel() for p in result.model.parameters()) - sum(p.numel() for p in model.parameters())
+    assert extra == 24 * 2 * 256

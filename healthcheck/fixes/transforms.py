@@ -306,7 +306,10 @@ def _group_units(units: list[list[nn.Module]], shapes: dict[nn.Module, tuple], p
         pending.append(unit)
         if len(pending) == per_block:
             modules = [m for u in pending for m in u]
-            rebuilt.append(Residual(nn.Sequential(*modules[:-1]), modules[-1]))
+            branch = modules[:-1]
+            if not any(classify_module(m) is Category.NORM for m in branch):
+                branch.append(_norm_for(shapes[weights[0]][1]))  # skips with BN (science.md, Fixes)
+            rebuilt.append(Residual(nn.Sequential(*branch), modules[-1]))
             pending.clear()
             added += 1
     rebuilt.extend(m for u in pending for m in u)
@@ -316,7 +319,8 @@ def _group_units(units: list[list[nn.Module]], shapes: dict[nn.Module, tuple], p
 def add_skips(model: nn.Module, args: tuple, kwargs: dict, layers_per_block: int = 2) -> tuple[nn.Module, int]:
     """Wrap runs of shape-preserving layers inside nn.Sequential containers into residual blocks:
     every `layers_per_block` (weight → norm → activation) units become relu(x + f(x)), f ending at
-    the last unit's norm. Returns the copy and how many skips were added."""
+    the last unit's norm — or at a new BatchNorm/LayerNorm when the units have none (skips without
+    normalization would make the variance explode). Returns the copy and how many skips were added."""
     fixed = copy.deepcopy(model)
     shapes = _shapes_of_children(fixed, args, kwargs)
     added = 0
