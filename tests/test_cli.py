@@ -265,7 +265,8 @@ def test_fix_shows_before_after_and_code_change(tmp_path):
     assert fixed(torch.randn(2, 3, 8, 8)).shape == (2, 10)
     code, out, err = run(str(EXAMPLES / "deep_resnet_no_norm.py"), "--fix", "--format", "json")
     data = json.loads(out)
-    assert {f["transform"] for f in data["fixes"]} == {"scale_joins", "norm_in_branch", "zero_init_gains"}
+    assert {f["transform"] for f in data["fixes"]} == {"scale_joins", "scale_branches_by_depth", "norm_in_branch",
+                                                      "zero_init_gains"}
     hc201 = next(f for f in data["findings"] if f["code"] == "HC201")
     assert hc201["fix"]["verified"]["verified"] is True
     assert hc201["fix"]["verified"]["after"]["var_ratio_per_block"] < 1.3 < hc201["fix"]["verified"]["before"]["var_ratio_per_block"]

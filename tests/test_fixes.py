@@ -27,7 +27,7 @@ def fixed():
 
 def test_all_fixes_of_variance_doubling_are_tried_and_verified(fixed):
     model, x, report, results = fixed
-    assert set(results) == {"scale_joins", "norm_in_branch", "zero_init_gains"}
+    assert set(results) == {"scale_joins", "scale_branches_by_depth", "norm_in_branch", "zero_init_gains"}
     assert all(r.verified for r in results.values())
     for finding in report.findings:
         if finding.code in ("HC101", "HC201"):
@@ -38,6 +38,12 @@ def test_all_fixes_of_variance_doubling_are_tried_and_verified(fixed):
 def test_scaling_by_inverse_sqrt2_gives_ratio_one(fixed):
     ratio = fixed[3]["scale_joins"].after_numbers["var_ratio_per_block"]
     assert ratio == pytest.approx(1.0, rel=0.05)
+
+
+def test_depth_scaled_branches_bound_the_growth(fixed):
+    # each of the K = 24 branches adds 1/K of the skip's variance: ×(1 + 1/K)^K ≈ e at most, not 2^24
+    growth = fixed[3]["scale_branches_by_depth"].after_numbers["var_growth"]
+    assert growth == pytest.approx((1 + 1 / BLOCKS) ** BLOCKS, rel=0.1)
 
 
 def test_norm_in_branch_gives_linear_growth(fixed):
@@ -54,7 +60,8 @@ def test_zero_init_gain_starts_every_block_as_identity(fixed):
 def test_shapes_and_parameter_counts(fixed):
     model, x, _, results = fixed
     count = sum(p.numel() for p in model.parameters())
-    expected_extra = {"scale_joins": 0, "zero_init_gains": BLOCKS, "norm_in_branch": BLOCKS * 2 * WIDTH}
+    expected_extra = {"scale_joins": 0, "scale_branches_by_depth": 0, "zero_init_gains": BLOCKS,
+                      "norm_in_branch": BLOCKS * 2 * WIDTH}
     for name, result in results.items():
         fixed_model = result.model
         assert fixed_model(x).shape == model(x).shape, name

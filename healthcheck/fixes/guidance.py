@@ -61,6 +61,9 @@ def suggestion(transform: str, join: Join) -> str:
         return (f"normalize the branch before the add, {where}:\n"
                 "    self.norm = nn.BatchNorm2d(channels)   # or nn.LayerNorm(features) for sequences\n"
                 "    return x + self.norm(f(x))")
+    if transform == "scale_branches_by_depth":
+        return (f"scale the branch by 1/√(number of blocks), {where}:\n"
+                "    return x + f(x) / math.sqrt(num_blocks)")
     if transform == "pre_activation":
         return (f"drop the activation after the add and apply it where the branch starts, {where}:\n"
                 "    out = self.conv1(F.relu(x))   # ... the rest of the branch\n"

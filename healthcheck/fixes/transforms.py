@@ -137,6 +137,17 @@ class ScaledJoins(JoinRewriter):
         return result * self.scale
 
 
+class DepthScaledBranches(JoinRewriter):
+    """y = x + f(x)/√K over K joins: the depth-aware scaling (Fixup / DeepNorm family)."""
+
+    def __init__(self, model: nn.Module, chosen: list[Target]) -> None:
+        super().__init__(model, chosen)
+        self.scale = 1 / math.sqrt(max(len(chosen), 1))
+
+    def rewrite(self, target: Target, result: torch.Tensor, skip: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return skip + branch * self.scale
+
+
 class GatedJoins(JoinRewriter):
     """y = x + α·f(x), α a learnable scalar per join initialized at 0."""
 
@@ -171,6 +182,11 @@ class Transform:
 def scale_joins(model: nn.Module, chosen: list[Target], scale: float = 1 / math.sqrt(2)) -> nn.Module:
     """y = (x + f(x)) / √2 at each join: variance-preserving when var f(x) ≈ var x."""
     return ScaledJoins(copy.deepcopy(model), chosen, scale)
+
+
+def scale_branches_by_depth(model: nn.Module, chosen: list[Target]) -> nn.Module:
+    """y = x + f(x)/√K for K joins: each branch adds 1/K of the variance, the whole stack ×2 at most."""
+    return DepthScaledBranches(copy.deepcopy(model), chosen)
 
 
 def skip_init(model: nn.Module, chosen: list[Target]) -> nn.Module:
@@ -377,6 +393,8 @@ def _unnormalized(join: Join) -> bool:
 TRANSFORMS: dict[str, Transform] = {
     t.name: t for t in (
         Transform("scale_joins", "scale each residual join by 1/√2", _unnormalized, scale_joins),
+        Transform("scale_branches_by_depth", "scale each residual branch by 1/√(number of joins)", _unnormalized,
+                  scale_branches_by_depth),
         Transform("norm_in_branch", "normalize the output of each residual branch", _unnormalized, norm_in_branch),
         Transform("zero_init_gains", "zero-init the last norm gain of each branch (SkipInit where it has none)",
                   lambda j: j.kind == "add" and not j.learnable_gain, zero_init_gains),

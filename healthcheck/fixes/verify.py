@@ -20,7 +20,7 @@ from healthcheck.records import SEVERITIES, Finding, Fix, Report
 from healthcheck.rules.measured import geometric_mean
 
 #: every fix science.md lists for the finding a transform name stands for
-ALTERNATIVES = {"scale_joins": ("scale_joins", "norm_in_branch", "zero_init_gains")}
+ALTERNATIVES = {"scale_joins": ("scale_joins", "scale_branches_by_depth", "norm_in_branch", "zero_init_gains")}
 
 
 @dataclass
