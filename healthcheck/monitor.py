@@ -38,7 +38,7 @@ from healthcheck.graph.architecture import architecture_of
 from healthcheck.graph.joins import find_joins
 from healthcheck.graph.recorder import Session
 from healthcheck.graph.tracers import TraceResult
-from healthcheck.probes.measure import Measurements, Point
+from healthcheck.probes.measure import Measurements, profile_points
 from healthcheck.probes.observer import StatsObserver
 from healthcheck.records import SEVERITIES, Finding
 from healthcheck.report.text import stage_of
@@ -374,7 +374,9 @@ class HealthMonitor:
                 node = recording.graph.nodes[k]
                 name = f"{node.module or '(root)'}:{node.op}#{k}"
                 sample.dead_fraction[name] = 1 - sum(1 for a in alive if a > 0) / max(size, 1)
-            sample.measurements = self._profile(joins, host_mean)
+            points = profile_points(recording.graph, joins, nodes, host_mean, grad_scale=1 / self.world,
+                                    ranks=self.world)
+            sample.measurements = Measurements(tuple(points), None, float("nan"), "join")
         if "grad" in other:
             names, g, w = other["grad"]
             sample.grad_norm, sample.weight_norm = dict(zip(names, g)), dict(zip(names, w))
@@ -395,37 +397,6 @@ class HealthMonitor:
         self._log(sample, findings, events)
         self._act(events, step)
         return events
-
-    def _profile(self, joins: list, host: dict[Any, float]) -> Measurements:
-        points: list[Point] = []
-        previous = None
-        for depth, j in enumerate(joins, start=1):
-            if (j.node, "var") not in host:
-                continue
-            var = host[(j.node, "var")] * (j.scale**2 if j.scale_on == "sum" else 1)
-            skip = host.get((j.skip_operand, "operand"))
-            parts = [host.get((b, "operand")) for b in j.branch_operands]
-            branch = None if None in parts else sum(parts)
-            if previous is None:
-                previous = skip
-            numel = host.get((j.node, "numel"), 0.0)
-            # Each rank's loss is the mean over its own batch, so the global-batch gradient at a
-            # sample is 1/world of the rank's: ‖g‖² = Σ_r ‖g_r‖² / world² = mean_r ‖g_r‖² / world.
-            grad_sq = host.get((j.node, "grad_sq"))
-            numel_total = numel * self.world
-            if grad_sq is not None:
-                grad_sq = grad_sq / self.world
-            points.append(Point(
-                id=j.id, at="join", depth=depth, module=j.module, source=j.source, var=var,
-                var_ratio=var / previous if previous else None,
-                residual_ratio=branch / skip if skip and branch is not None else None,
-                grad_norm=math.sqrt(grad_sq) if grad_sq is not None else None,
-                grad_rms=math.sqrt(grad_sq / numel_total) if grad_sq is not None and numel else None,
-                effective_rank=host.get((j.node, "rank")), participation_ratio=host.get((j.node, "participation")),
-                sensitivity=None, numel=int(numel), rank_size=int(host.get((j.node, "rank_size"), 0)),
-            ))
-            previous = var
-        return Measurements(tuple(points), None, float("nan"), "join")
 
     # -- findings: appear once, clear once -------------------------------------------------------
     def _events(self, findings: list[Finding]) -> list[tuple[Finding, str]]:

@@ -228,7 +228,7 @@ def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
             failures["grad_correlation"] = _one_line(exc)
 
     host = _to_host(observer, point_nodes, input_moment)
-    profile = _profile(graph, joins, point_nodes, observer, host, chi)
+    profile = profile_points(graph, joins, point_nodes, host, chi)
     if correlation is not None:
         correlation = float(correlation)
     return Measurements(tuple(profile), correlation, host["input_var"], "join" if at_joins else "layer",
@@ -257,11 +257,18 @@ def _to_host(observer: StatsObserver, nodes: list[int], input_moment: torch.Tens
     return dict(zip(keys, flat))
 
 
-def _profile(graph: Any, joins: list[Join], nodes: list[int], observer: StatsObserver, host: dict[Any, float],
-             chi: dict[int, float]) -> list[Point]:
+def profile_points(graph: Any, joins: list[Join], nodes: list[int], host: dict[Any, float],
+                   chi: dict[int, float] | None = None, grad_scale: float = 1.0, ranks: int = 1) -> list[Point]:
+    """Depth profile from the host copy of a StatsObserver's values (keys `(node, name)`).
+
+    Under DDP, `host` holds the mean over `ranks` of per-rank values; each rank's loss is the mean
+    over its own batch, so the global-batch ‖∂L/∂y‖² is that mean × `grad_scale` (1/ranks) and the
+    global tensor has `ranks` × the elements.
+    """
+    chi = chi or {}
     by_node = {j.node: j for j in joins}
     points: list[Point] = []
-    previous = host["input_var"]
+    previous = host.get("input_var")
     for depth, n in enumerate(nodes, start=1):
         if (n, "var") not in host:
             continue
@@ -280,6 +287,8 @@ def _profile(graph: Any, joins: list[Join], nodes: list[int], observer: StatsObs
             residual = None
         numel = host[(n, "numel")]
         grad_sq = host.get((n, "grad_sq"))
+        if grad_sq is not None:
+            grad_sq *= grad_scale
         node = graph.nodes[n]
         points.append(Point(
             id=join.id if join else f"{node.module or '(root)'}:{node.op}#{n}",
@@ -288,7 +297,7 @@ def _profile(graph: Any, joins: list[Join], nodes: list[int], observer: StatsObs
             var_ratio=var / previous if previous and previous > 0 and math.isfinite(previous) else None,
             residual_ratio=residual,
             grad_norm=math.sqrt(grad_sq) if grad_sq is not None else None,
-            grad_rms=math.sqrt(grad_sq / numel) if grad_sq is not None and numel else None,
+            grad_rms=math.sqrt(grad_sq / (numel * ranks)) if grad_sq is not None and numel else None,
             effective_rank=host.get((n, "rank")), participation_ratio=host.get((n, "participation")),
             sensitivity=chi.get(n), numel=int(numel), rank_size=int(host.get((n, "rank_size"), 0)),
         ))
