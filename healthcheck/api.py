@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from healthcheck.config import Config
-from healthcheck.errors import UsageError
+from healthcheck.errors import UsageError, describe
 from healthcheck.graph.architecture import analyze
 from healthcheck.graph.tracers import TRACE_METHODS
 from healthcheck.guard import preserved
@@ -31,9 +31,8 @@ def validate_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], wher
         with torch.no_grad():
             output = model(*args, **forward_kwargs(model, kwargs))
     except Exception as exc:  # noqa: BLE001 - whatever the model raises is the user's to see
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UsageError(f"{where}the model's forward raised {type(exc).__name__} on example input of shape "
-                         f"{shapes}: {message} ({expected_input(model)})") from exc
+        raise UsageError(f"{where}the model's forward raised {describe(exc)} — on example input of shape "
+                         f"{shapes} ({expected_input(model)})") from exc
     outputs = [t for t in tensors_of(output) if t.is_floating_point()]
     if not outputs:
         raise UsageError(f"{where}the model's forward returned no floating-point tensor")
@@ -73,8 +72,7 @@ def check(model: nn.Module, example_inputs: Any, *, config: Config | None = None
             try:
                 measurements = measure(model, args, kwargs, at_joins=bool(architecture.joins), options=options)
             except Exception as exc:  # noqa: BLE001
-                raise UsageError(f"the probes could not run the model in train mode: {type(exc).__name__}: "
-                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+                raise UsageError(f"the probes could not run the model in train mode: {describe(exc)}") from exc
     findings = run_rules(RuleContext(architecture, measurements), config.select, config.ignore, config.rule_options)
     findings.sort(key=lambda f: (SEVERITIES.index(f.severity), f.code))
     info = ModelInfo(

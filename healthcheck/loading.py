@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from healthcheck.errors import UsageError
+from healthcheck.errors import UsageError, describe
 
 MODEL_NAMES = ("model", "build_model", "get_model")
 INPUT_NAMES = ("example_inputs", "example_input")
@@ -59,7 +59,7 @@ def import_file(path: Path) -> ModuleType:
         del sys.modules[name]
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise UsageError(f"{path}:{_error_line(exc, resolved)}: importing the file raised {_describe(exc)}") from exc
+        raise UsageError(f"{path}:{_error_line(exc, resolved)}: importing the file raised {describe(exc)}") from exc
     finally:
         sys.path.remove(str(resolved.parent))
     return module
@@ -72,11 +72,6 @@ def _error_line(exc: BaseException, path: Path) -> str:
         if Path(frame.filename).resolve() == path:
             return str(frame.lineno)
     return "?"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _defined_here(module: ModuleType) -> list[str]:
@@ -132,7 +127,7 @@ def _materialize(obj: Any, name: str, path: Path) -> nn.Module:
     try:
         result = obj()
     except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"{path}:{_error_line(exc, path.resolve())}: {name}() raised {_describe(exc)}") from exc
+        raise UsageError(f"{path}:{_error_line(exc, path.resolve())}: {name}() raised {describe(exc)}") from exc
     if not isinstance(result, nn.Module):
         raise UsageError(f"{path}: {name}() returned a {type(result).__name__}, not an nn.Module")
     return result
@@ -197,7 +192,7 @@ def find_inputs(module: ModuleType, model: nn.Module, path: Path) -> tuple[tuple
                     params = inspect.signature(value).parameters
                     value = value(model) if len(params) == 1 else value()
                 except Exception as exc:  # noqa: BLE001
-                    raise UsageError(f"{path}:{_error_line(exc, path.resolve())}: {name}() raised {_describe(exc)}") from exc
+                    raise UsageError(f"{path}:{_error_line(exc, path.resolve())}: {name}() raised {describe(exc)}") from exc
             try:
                 return as_call_args(value)
             except UsageError as exc:

@@ -126,7 +126,6 @@ def graph_from_fx(
             nonnegative = taxonomy.is_nonnegative_module(module)
         else:
             name = taxonomy.normalize_op_name(_target_name(node))
-            category = taxonomy.classify_op(name, len(data_inputs))
             has_param = touches_param
             nonnegative = taxonomy.is_nonnegative_op(name)
         if not data_inputs or name in taxonomy.VALUE_INDEPENDENT_OPS or not _holds_tensor(value_of(node)):
@@ -135,9 +134,7 @@ def graph_from_fx(
             continue
         path, module_type, module = _module_of(node.meta, root, module_prefix)
         if node.op != "call_module":
-            category = taxonomy.override_by_enclosing(module, category)
-            if has_param and category is Category.OTHER:
-                category = Category.WEIGHT
+            category = taxonomy.categorize(name, len(data_inputs), module, touches_param)
         constants = [a for a in _flat_nodes(node.args) if isinstance(a, numbers.Number) and not isinstance(a, bool)]
         scalar, param_operand = taxonomy.scale_facts(name, category, constants, node.kwargs, touches_param)
         op = OpNode(

@@ -92,9 +92,7 @@ class _OpRecorder(TorchFunctionMode):
                 self.param_derived.update((id(t), weakref.ref(t)) for t in out_tensors)
             return result
         path, module = self.module_stack[-1]
-        category = taxonomy.override_by_enclosing(module, taxonomy.classify_op(name, len(data_inputs)))
-        if touches_param and category is Category.OTHER:
-            category = Category.WEIGHT
+        category = taxonomy.categorize(name, len(data_inputs), module, touches_param)
         numbers = [a for a in _flatten(args) if isinstance(a, (int, float)) and not isinstance(a, bool)]
         scalar, param_operand = taxonomy.scale_facts(name, category, numbers, kwargs, touches_param)
         node = OpNode(

@@ -103,6 +103,14 @@ def classify_op(name: str, data_arity: int) -> Category:
     return Category.OTHER
 
 
+def categorize(name: str, data_arity: int, enclosing: nn.Module | None, touches_param: bool) -> Category:
+    """Category of a function/method/ATen op as every tracer records it: by name, overridden by an
+    enclosing norm or activation module, and a weight layer when it takes a parameter but is
+    otherwise unknown (a wrapped attention function, x @ self.W)."""
+    category = override_by_enclosing(enclosing, classify_op(name, data_arity))
+    return Category.WEIGHT if touches_param and category is Category.OTHER else category
+
+
 def scale_facts(name: str, category: Category, numbers: list[float], kwargs: dict, touches_param: bool
                 ) -> tuple[float | None, bool]:
     """(constant factor, multiplied by a parameter?) of a mul/div — or add's `alpha`.

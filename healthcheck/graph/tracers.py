@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from healthcheck.errors import describe
 from healthcheck.graph.build import graph_from_fx
 from healthcheck.graph.ir import OpGraph
 from healthcheck.graph.recorder import record
@@ -153,7 +154,7 @@ def trace(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
         try:
             graph = tracers[method](model, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - every failure means "try the next tracer"
-            failures[method] = f"{type(exc).__name__}: {_first_line(exc)}"
+            failures[method] = describe(exc)
             if method == methods[-1]:
                 raise
             continue
@@ -162,8 +163,3 @@ def trace(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
             continue
         return TraceResult(graph, method, failures)
     raise RuntimeError("no tracer could follow the model: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""

@@ -27,6 +27,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.nn import functional as F
 
+from healthcheck.errors import describe
 from healthcheck.graph.ir import OpNode
 from healthcheck.graph.joins import Join, find_joins
 from healthcheck.graph.recorder import record
@@ -217,7 +218,7 @@ def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
             try:
                 chi = _sensitivities_by_difference(model, args, kwargs, set(point_nodes), options)
             except Exception as exc2:  # noqa: BLE001 - a probe that cannot run is reported, not fatal
-                failures["sensitivity"] = f"forward AD: {_one_line(exc)}; finite difference: {_one_line(exc2)}"
+                failures["sensitivity"] = f"forward AD: {describe(exc)}; finite difference: {describe(exc2)}"
 
     # Pass 3: gradient correlation along a line of inputs
     correlation = None
@@ -225,7 +226,7 @@ def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
         try:
             correlation = _line_correlation(model, args, kwargs, options, observer.batch_stats)
         except Exception as exc:  # noqa: BLE001
-            failures["grad_correlation"] = _one_line(exc)
+            failures["grad_correlation"] = describe(exc)
 
     host = _to_host(observer, point_nodes, input_moment)
     profile = profile_points(graph, joins, point_nodes, host, chi)
@@ -233,11 +234,6 @@ def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
         correlation = float(correlation)
     return Measurements(tuple(profile), correlation, host["input_var"], "join" if at_joins else "layer",
                         failures, time.perf_counter() - start)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _to_host(observer: StatsObserver, nodes: list[int], input_moment: torch.Tensor) -> dict[str, Any]:
