@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,12 +13,15 @@ from torch import nn
 from healthcheck.config import Config
 from healthcheck.errors import UsageError, describe
 from healthcheck.graph.architecture import analyze
+from healthcheck.graph.taxonomy import is_user_frame
 from healthcheck.graph.tracers import TRACE_METHODS
 from healthcheck.guard import preserved
 from healthcheck.loading import as_call_args, expected_input
 from healthcheck.probes import ProbeOptions, measure
 from healthcheck.records import SEVERITIES, ModelInfo, Report
 from healthcheck.rules import RuleContext, run_rules
+from healthcheck.rules.registry import evaluated
+from healthcheck.suppression import load_baseline, suppress
 from healthcheck.tensors import forward_kwargs, tensors_of
 
 
@@ -42,14 +47,18 @@ def validate_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], wher
 
 
 def check(model: nn.Module, example_inputs: Any, *, config: Config | None = None, name: str | None = None,
-          probes: bool = True, loss_fn: Any = None, **overrides: Any) -> Report:
+          probes: bool = True, loss_fn: Any = None, baseline: str | Path | dict | None = None,
+          source: str | None = None, **overrides: Any) -> Report:
     """Analyze `model` on `example_inputs` and apply the rules.
 
     `example_inputs`: a tensor, a tuple of positional inputs, a dict of keyword inputs, or
     `(args, kwargs)`. Options (`fail_on`, `select`, `ignore`, `rule_options`, `trace`, `seed`)
     override `config`. `probes=False` skips the measurements (structure only); `loss_fn(output)`
-    replaces the default random projection of the output for the gradient probes. The model, its
-    buffers, modes, grads, hooks and the global RNG are left exactly as they were.
+    replaces the default random projection of the output for the gradient probes. Findings whose
+    source line says `# healthcheck: ignore[CODE]`, and those known to `baseline` (a saved JSON
+    report), move to `report.suppressed` (see healthcheck.suppression). `source`: "file:line" where
+    the model is defined (default: its class). The model, its buffers, modes, grads, hooks and the
+    global RNG are left exactly as they were.
     """
     config = (config or Config()).override(**overrides)
     args, kwargs = as_call_args(example_inputs)
@@ -73,7 +82,8 @@ def check(model: nn.Module, example_inputs: Any, *, config: Config | None = None
                 measurements = measure(model, args, kwargs, at_joins=bool(architecture.joins), options=options)
             except Exception as exc:  # noqa: BLE001
                 raise UsageError(f"the probes could not run the model in train mode: {describe(exc)}") from exc
-    findings = run_rules(RuleContext(architecture, measurements), config.select, config.ignore, config.rule_options)
+    context = RuleContext(architecture, measurements)
+    findings = run_rules(context, config.select, config.ignore, config.rule_options)
     findings.sort(key=lambda f: (SEVERITIES.index(f.severity), f.code))
     info = ModelInfo(
         name=name or type(model).__name__,
@@ -81,8 +91,23 @@ def check(model: nn.Module, example_inputs: Any, *, config: Config | None = None
         trace=architecture.trace,
         trace_failures=dict(architecture.trace_failures),
         input_shapes=_shapes(args, kwargs),
+        source=source or class_source(model),
     )
-    return Report(info, architecture, findings, measurements=measurements, seconds=time.perf_counter() - start)
+    if isinstance(baseline, (str, Path)):
+        baseline = load_baseline(baseline)
+    report = Report(info, architecture, findings, measurements=measurements, seconds=time.perf_counter() - start,
+                    rules=evaluated(context, config.select, config.ignore))
+    return suppress(report, baseline)
+
+
+def class_source(model: nn.Module) -> str | None:
+    """'file:line' of the model's class when it is model code (not a torch container such as Sequential)."""
+    try:
+        path = inspect.getsourcefile(type(model))
+        line = inspect.getsourcelines(type(model))[1]
+    except (OSError, TypeError):
+        return None
+    return f"{path}:{line}" if path and is_user_frame(path) else None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -95,8 +120,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def load_file(spec: str, config: Config, device: str | torch.device = "cpu") -> tuple[nn.Module, tuple, dict, str]:
-    """The model and inputs of `FILE[:NAME]`, on `device`: (model, args, kwargs, name)."""
+def load_file(spec: str, config: Config, device: str | torch.device = "cpu") -> tuple[nn.Module, tuple, dict, str, str]:
+    """The model and inputs of `FILE[:NAME]`, on `device`: (model, args, kwargs, name, source), where
+    source is the "file:line" that defines the model in FILE."""
     from healthcheck.loading import load_target
 
     target_device = resolve_device(device)
@@ -106,15 +132,21 @@ def load_file(spec: str, config: Config, device: str | torch.device = "cpu") -> 
     model = target.model.to(target_device)
     args = tuple(a.to(target_device) if isinstance(a, torch.Tensor) else a for a in target.args)
     kwargs = {k: v.to(target_device) if isinstance(v, torch.Tensor) else v for k, v in target.kwargs.items()}
-    return model, args, kwargs, target.name
+    return model, args, kwargs, target.name, target.source
 
 
-def check_file(spec: str, config: Config | None = None, device: str | torch.device = "cpu", probes: bool = True,
-               **overrides: Any) -> Report:
-    """`check` on a model file, as the CLI does: `FILE[:NAME]`, config from its pyproject.toml."""
+def target_config(spec: str, config: Config | None = None, **overrides: Any) -> Config:
+    """The settings for `FILE[:NAME]`: `config` (default: the pyproject.toml above FILE), its
+    `models` table for this file, then `overrides` (command-line flags win)."""
     from healthcheck.config import load_config
     from healthcheck.loading import split_spec
 
-    config = (config or load_config(split_spec(spec)[0])).override(**overrides)
-    model, args, kwargs, name = load_file(spec, config, device)
-    return check(model, (args, kwargs), config=config, name=name, probes=probes)
+    return (config or load_config(split_spec(spec)[0])).for_target(spec).override(**overrides)
+
+
+def check_file(spec: str, config: Config | None = None, device: str | torch.device = "cpu", probes: bool = True,
+               baseline: str | Path | dict | None = None, **overrides: Any) -> Report:
+    """`check` on a model file, as the CLI does: `FILE[:NAME]`, config from its pyproject.toml."""
+    config = target_config(spec, config, **overrides)
+    model, args, kwargs, name, source = load_file(spec, config, device)
+    return check(model, (args, kwargs), config=config, name=name, probes=probes, baseline=baseline, source=source)

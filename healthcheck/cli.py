@@ -10,8 +10,9 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from healthcheck import __version__
-from healthcheck.config import FAIL_LEVELS, load_config
+from healthcheck.config import FAIL_LEVELS
 from healthcheck.errors import UsageError
+from healthcheck.records import Report
 from healthcheck.report import FORMATS, render
 
 
@@ -31,6 +32,7 @@ def main() -> None:
 
     \b
     healthcheck model.py               check the model defined in model.py
+    healthcheck models/*.py --format sarif -o healthcheck.sarif   ... several files, for CI
     healthcheck model.py:build_net     ... a specific module or zero-argument factory
     healthcheck rule HC101             explain a rule
     healthcheck rules                  list all rules
@@ -42,18 +44,22 @@ def _split_codes(value: str | None) -> tuple[str, ...] | None:
 
 
 @main.command()
-@click.argument("target", metavar="FILE[:NAME]")
+@click.argument("targets", metavar="FILE[:NAME]...", nargs=-1, required=True)
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,H,W",
               help="Shape of a random example input (repeat for several inputs); overrides example_input in "
                    "the file. Token ids are drawn when the model starts with an Embedding.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
-              help="Report format.")
+              help="Report format: text for people; json (the documented schema); sarif for GitHub code "
+                   "scanning; junit for CI test views; markdown for a pull-request comment.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report to this file instead of standard output.")
 @click.option("--fail-on", type=click.Choice(FAIL_LEVELS), default=None,
               help="Exit with 1 when a finding is at or above this severity  [default: error].")
 @click.option("--select", default=None, metavar="CODES", help="Comma-separated rule codes or prefixes to run (e.g. HC1,HC201).")
 @click.option("--ignore", default=None, metavar="CODES", help="Comma-separated rule codes or prefixes to skip.")
+@click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A JSON report saved earlier (--format json -o FILE): its findings are known and do not "
+                   "fail; new or worse ones do.")
 @click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the depth profile (each quantity against depth) and findings to TensorBoard here.")
 @click.option("--no-probes", is_flag=True, help="Structure only: skip the init-time measurements (HC2xx, HC3xx).")
@@ -69,71 +75,108 @@ def _split_codes(value: str | None) -> tuple[str, ...] | None:
               "off when NO_COLOR is set).")
 @click.option("-v", "--verbose", is_flag=True, help="Say why earlier tracers failed and show more detail.")
 @click.option("--debug", is_flag=True, help="Show the full traceback of errors.")
-def check(target: str, input_shapes: tuple[str, ...], fmt: str, output: Path | None, fail_on: str | None,
-          select: str | None, ignore: str | None, tensorboard_dir: Path | None, no_probes: bool, apply_fix: bool,
-          export_path: Path | None, trace: str | None, seed: int | None, device: str,
-          color: bool | None, verbose: bool, debug: bool) -> None:
-    """Check the model in FILE (see `healthcheck --help` for how the model is found).
+def check(targets: tuple[str, ...], input_shapes: tuple[str, ...], fmt: str, output: Path | None,
+          fail_on: str | None, select: str | None, ignore: str | None, baseline_path: Path | None,
+          tensorboard_dir: Path | None, no_probes: bool, apply_fix: bool, export_path: Path | None,
+          trace: str | None, seed: int | None, device: str, color: bool | None, verbose: bool, debug: bool) -> None:
+    """Check the model in each FILE (see `healthcheck --help` for how the model is found).
 
     \b
     The model is NAME, else `model`, `build_model` or `get_model`, else the only nn.Module
     instance (or class) in the file. Inputs come from `example_input(s)` in the file (a
-    tensor, tuple, dict or zero-argument function) or --input-shape.
+    tensor, tuple, dict or zero-argument function) or --input-shape. Settings come from
+    [tool.healthcheck] in the pyproject.toml above FILE; flags win.
     Exit codes: 0 no finding at or above --fail-on, 1 findings at or above it, 2 usage or
-    load error.
+    load error (the other files are still checked and reported).
     """
-    from healthcheck.api import check_file, load_file
-    from healthcheck.loading import parse_shape, split_spec
-
     err = Console(stderr=True, highlight=False)
+    reports: list[Report] = []
+    gates: list[str] = []
+    usage_error = False
     try:
-        config = load_config(split_spec(target)[0]).override(
-            fail_on=fail_on, select=_split_codes(select), ignore=_split_codes(ignore), trace=trace, seed=seed,
-            input_shapes=tuple(parse_shape(s) for s in input_shapes) or None,
-        )
-        fixes: list = []
         if export_path is not None and not apply_fix:
             raise UsageError("--export saves a fixed model: use it with --fix")
-        if apply_fix:
-            if no_probes:
-                raise UsageError("--fix verifies fixes by measuring again: it cannot be used with --no-probes")
-            from healthcheck.fixes import fix as apply_fixes
+        if export_path is not None and len(targets) > 1:
+            raise UsageError("--export saves one fixed model: give one FILE")
+        if apply_fix and no_probes:
+            raise UsageError("--fix verifies fixes by measuring again: it cannot be used with --no-probes")
+        from healthcheck.loading import parse_shape
+        from healthcheck.suppression import load_baseline
 
-            model, args, kwargs, name = load_file(target, config, device)
-            report, fixes = apply_fixes(model, (args, kwargs), config=config, name=name)
-            if export_path is not None:
-                _export(fixes, export_path)
-        else:
-            report = check_file(target, config, device=device, probes=not no_probes)
-        if tensorboard_dir is not None:
-            from healthcheck.report.tensorboard import write_tensorboard
-
-            write_tensorboard(report, tensorboard_dir)
+        shapes = tuple(parse_shape(s) for s in input_shapes) or None
+        baseline = load_baseline(baseline_path) if baseline_path is not None else None
+        flags = dict(fail_on=fail_on, select=_split_codes(select), ignore=_split_codes(ignore), trace=trace,
+                     seed=seed, input_shapes=shapes)
     except UsageError as exc:
-        if debug:
-            err.print_exception()
-        err.print(f"healthcheck: error: {exc}", markup=False, soft_wrap=True)
-        sys.exit(UsageError.exit_code)
-    except Exception as exc:  # noqa: BLE001 - an unexpected failure still gets one line and exit 2
-        if debug:
-            err.print_exception()
-        err.print(f"healthcheck: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-                  markup=False, soft_wrap=True)
+        _error(err, exc, debug)
         sys.exit(UsageError.exit_code)
 
-    if output is not None:
-        output.write_text(render(report, fmt, verbose=verbose, fixes=fixes))
-    elif fmt == "text":
-        console = Console(highlight=False, no_color=color is False, force_terminal=color or None)
-        from healthcheck.report.text import THEME, write_fixes, write_text
+    progress = len(targets) > 1 and fmt == "text" and output is None
+    for target in targets:
+        if progress:
+            err.print(f"checking {target} …", style="dim")
+        try:
+            report, gate = _check_target(target, flags, baseline, device, no_probes, apply_fix, export_path)
+            if tensorboard_dir is not None:
+                from healthcheck.report.tensorboard import write_tensorboard
 
-        console.push_theme(THEME)
-        write_text(report, console, verbose=verbose)
-        if apply_fix:
-            write_fixes(report, fixes, console)
+                write_tensorboard(report, tensorboard_dir if len(targets) == 1 else tensorboard_dir / report.model.name)
+        except Exception as exc:  # noqa: BLE001 - every failure is one line and exit 2, the others go on
+            _error(err, exc, debug, prefix=f"{target}: " if len(targets) > 1 else "")
+            usage_error = True
+            continue
+        reports.append(report)
+        gates.append(gate)
+
+    fail_level = _strictest(gates) if gates else (fail_on or "error")
+    if reports:
+        if output is not None:
+            output.write_text(render(reports, fmt, fail_on=fail_level, verbose=verbose))
+        elif fmt == "text":
+            console = Console(highlight=False, no_color=color is False, force_terminal=color or None)
+            from healthcheck.report.text import THEME, write_text
+
+            console.push_theme(THEME)
+            for i, report in enumerate(reports):
+                if i:
+                    console.print()
+                write_text(report, console, verbose=verbose)
+        else:
+            sys.stdout.write(render(reports, fmt, fail_on=fail_level, verbose=verbose))
+    if usage_error:
+        sys.exit(UsageError.exit_code)
+    sys.exit(1 if any(r.fails(g) for r, g in zip(reports, gates)) else 0)
+
+
+def _check_target(target: str, flags: dict, baseline: dict | None, device: str, no_probes: bool, apply_fix: bool,
+                  export_path: Path | None) -> tuple[Report, str]:
+    """The report of one FILE[:NAME] and the fail level its settings ask for."""
+    from healthcheck.api import check_file, load_file, target_config
+
+    config = target_config(target, **flags)
+    if not apply_fix:
+        return check_file(target, config, device=device, probes=not no_probes, baseline=baseline), config.fail_on
+    from healthcheck.fixes import fix as apply_fixes
+
+    model, args, kwargs, name, source = load_file(target, config, device)
+    report, fixes = apply_fixes(model, (args, kwargs), config=config, name=name, source=source, baseline=baseline)
+    if export_path is not None:
+        _export(fixes, export_path)
+    return report, config.fail_on
+
+
+def _strictest(levels: list[str]) -> str:
+    return min(levels, key=FAIL_LEVELS.index)
+
+
+def _error(err: Console, exc: BaseException, debug: bool, prefix: str = "") -> None:
+    if debug:
+        err.print_exception()
+    if isinstance(exc, UsageError):
+        message = str(exc)
     else:
-        sys.stdout.write(render(report, fmt, verbose=verbose, fixes=fixes))
-    sys.exit(1 if report.fails(config.fail_on) else 0)
+        message = f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
+    err.print(f"healthcheck: error: {prefix}{message}", markup=False, soft_wrap=True)
 
 
 def _export(fixes: list, path: Path) -> None:

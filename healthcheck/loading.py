@@ -31,6 +31,27 @@ class Target:
     args: tuple
     kwargs: dict[str, Any]
     path: Path
+    source: str  # "file:line" of the definition the model came from
+
+
+def definition_line(path: Path, name: str | None) -> int:
+    """The line of FILE that defines `name` at module level (def, class or assignment), else 1."""
+    import ast
+
+    if name is None:
+        return 1
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError, ValueError):
+        return 1
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+            return node.lineno
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return node.lineno
+    return 1
 
 
 def split_spec(spec: str) -> tuple[Path, str | None]:
@@ -209,7 +230,9 @@ def load_target(spec: str, input_shapes: tuple[tuple[int, ...], ...] = (), seed:
         args, kwargs = random_inputs(model, input_shapes, seed), {}
     else:
         args, kwargs = find_inputs(module, model, path)
-    return Target(model, found_name if found_name not in MODEL_NAMES else type(model).__name__, args, kwargs, path)
+    source = f"{path.resolve()}:{definition_line(path, found_name)}"
+    return Target(model, found_name if found_name not in MODEL_NAMES else type(model).__name__, args, kwargs, path,
+                  source)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -9,6 +9,11 @@ SEVERITIES = ("error", "warning", "info")
 SCHEMA = "healthcheck/1"
 
 
+def at_or_above(severity: str, fail_on: str) -> bool:
+    """True when a finding of `severity` fails a gate at `fail_on` ("error", "warning", "info", "never")."""
+    return fail_on != "never" and SEVERITIES.index(severity) <= SEVERITIES.index(fail_on)
+
+
 @dataclass(frozen=True)
 class Location:
     module: str
@@ -48,6 +53,15 @@ class ModelInfo:
     trace: str  # "fx" | "export" | "hooks"
     trace_failures: dict[str, str] = field(default_factory=dict)
     input_shapes: tuple[tuple[int, ...], ...] = ()
+    source: str | None = None  # "file:line" where the model is defined: the home of model-wide findings
+
+
+@dataclass(frozen=True)
+class Suppressed:
+    """A finding that does not count: silenced at its source line, or already in the baseline."""
+
+    finding: Finding
+    reason: str  # "comment" | "baseline"
 
 
 @dataclass
@@ -57,6 +71,9 @@ class Report:
     findings: list[Finding]
     measurements: Any = None  # healthcheck.probes.Measurements, or None when probes were skipped
     seconds: float = 0.0
+    suppressed: list[Suppressed] = field(default_factory=list)
+    fixes: list[Any] | None = None  # healthcheck.fixes.FixResult of each fix tried (None: not asked for)
+    rules: tuple[str, ...] = ()  # the codes that were evaluated (selected, and measurable in this run)
 
     def count(self, severity: str) -> int:
         return sum(1 for f in self.findings if f.severity == severity)
@@ -66,10 +83,7 @@ class Report:
 
     def fails(self, fail_on: str) -> bool:
         """True when a finding is at or above `fail_on` ("error", "warning", "info" or "never")."""
-        if fail_on == "never":
-            return False
-        levels = SEVERITIES[: SEVERITIES.index(fail_on) + 1]
-        return any(f.severity in levels for f in self.findings)
+        return any(at_or_above(f.severity, fail_on) for f in self.findings)
 
     def _measurements_json(self) -> dict[str, Any]:
         m = self.measurements
@@ -83,9 +97,10 @@ class Report:
             "schema": SCHEMA,
             "model": {"name": self.model.name, "parameters": self.model.parameters, "trace": self.model.trace,
                       "trace_failures": self.model.trace_failures,
-                      "input_shapes": [list(s) for s in self.model.input_shapes]},
+                      "input_shapes": [list(s) for s in self.model.input_shapes], "source": self.model.source},
             "architecture": self.architecture.to_json(),
             "measurements": self._measurements_json(),
             "findings": [f.to_json() for f in self.findings],
             "summary": self.summary(),
+            "suppressed": [{**s.finding.to_json(), "reason": s.reason} for s in self.suppressed],
         }

@@ -107,4 +107,4 @@ def fix(model: nn.Module, example_inputs: Any, **options: Any) -> tuple[Report, 
                         "transform": result.transform, "joins": result.joins}
             f = dataclasses.replace(f, fix=Fix(f.fix.summary, f.fix.transform, verified))
         findings.append(f)
-    return dataclasses.replace(before, findings=findings), results
+    return dataclasses.replace(before, findings=findings, fixes=results), results

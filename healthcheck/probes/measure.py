@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.nn import functional as F
+
+with warnings.catch_warnings():  # torch's forward-AD decompositions call the deprecated torch.jit.script
+    warnings.simplefilter("ignore", FutureWarning)
+    import torch._decomp.decompositions_for_jvp  # noqa: F401
+    import torch.autograd.forward_ad as fwAD
 
 from healthcheck.errors import describe
 from healthcheck.graph.ir import OpNode

@@ -123,11 +123,11 @@ def profile_table(measurements: Any) -> Table:
     return table
 
 
-def _format_value(value: Any) -> str:
+def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     if isinstance(value, (list, tuple)):
-        shown = ", ".join(_format_value(v) for v in value[:4])
+        shown = ", ".join(format_value(v) for v in value[:4])
         return f"[{shown}{', …' if len(value) > 4 else ''}]" + (f" ({len(value)})" if len(value) > 4 else "")
     return str(value)
 
@@ -142,7 +142,7 @@ def finding_text(f: Finding) -> Text:
         where += f"  ({short_path(f.location.source)})"
     text.append(f"    at {where}\n", style="hc.dim")
     if f.evidence:
-        evidence = " · ".join(f"{k}={_format_value(v)}" for k, v in f.evidence.items())
+        evidence = " · ".join(f"{k}={format_value(v)}" for k, v in f.evidence.items())
         text.append(f"    evidence: {evidence}\n", style="hc.dim")
     if f.fix is not None:
         text.append("    fix: ", style="hc.fix")
@@ -150,14 +150,11 @@ def finding_text(f: Finding) -> Text:
     return text
 
 
-def render_text(report: Report, *, color: bool = False, verbose: bool = False, width: int | None = None,
-                fixes: list | None = None) -> str:
+def render_text(report: Report, *, color: bool = False, verbose: bool = False, width: int | None = None) -> str:
     buffer = io.StringIO()
     console = Console(file=buffer, theme=THEME, force_terminal=color, no_color=not color,
                       width=width or 120, highlight=False, soft_wrap=False)
     write_text(report, console, verbose=verbose)
-    if fixes is not None:
-        write_fixes(report, fixes, console)
     return buffer.getvalue()
 
 
@@ -172,10 +169,11 @@ FIX_ROWS = (
 )
 
 
-def write_fixes(report: Report, fixes: list, console: Console) -> None:
+def write_fixes(report: Report, console: Console) -> None:
     """Before/after table of the fixes tried, then the code change for each verified one."""
     from healthcheck.fixes.guidance import suggestion
 
+    fixes = report.fixes or []
     console.print()
     if not fixes:
         console.print(Text("No automatic fix applies to these findings.", style="hc.dim"))
@@ -188,7 +186,7 @@ def write_fixes(report: Report, fixes: list, console: Console) -> None:
         table.add_column(f.transform, justify="right")
     for key, label in FIX_ROWS:
         values = [fixes[0].before_numbers.get(key)] + [f.after_numbers.get(key) for f in fixes]
-        table.add_row(Text(label), *[_format_value(v) if v is not None else "-" for v in values])
+        table.add_row(Text(label), *[format_value(v) if v is not None else "-" for v in values])
     table.add_row(Text("findings"), Text(", ".join(fixes[0].before_numbers.get("findings", [])) or "none"),
                   *[Text(", ".join(f.after_numbers.get("findings", [])) or "none") for f in fixes])
     table.add_row(Text("verified"), "", *[Text("yes", style="hc.ok") if f.verified else Text("no", style="hc.error")
@@ -252,4 +250,15 @@ def write_text(report: Report, console: Console, *, verbose: bool = False) -> No
                  for s in ("error", "warning", "info") if summary[s]]
         for i, (part, style) in enumerate(parts):
             line.append((", " if i else "") + part, style=style)
+    if report.suppressed:
+        reasons = Counter({"comment": "# healthcheck: ignore", "baseline": "baseline"}[s.reason]
+                          for s in report.suppressed)
+        line.append(" (suppressed: " + ", ".join(f"{n} by {why}" for why, n in reasons.items()) + ")",
+                    style="hc.dim")
+        if verbose:
+            for s in report.suppressed:
+                line.append(f"\n  suppressed {s.finding.code} at {s.finding.location.module or '(root)'}: "
+                            f"{s.finding.message}", style="hc.dim")
     console.print(line)
+    if report.fixes is not None:
+        write_fixes(report, console)

@@ -78,6 +78,22 @@ def selected(code: str, select: Iterable[str], ignore: Iterable[str]) -> bool:
     return best_select >= 0 and best_select > best_ignore
 
 
+#: what a rule reads, by code group (design.md): HC1xx the graph, HC2xx/HC3xx the init-time probes,
+#: HC4xx training steps (HealthMonitor only)
+STAGES = {"HC1": "structure", "HC2": "probes", "HC3": "probes", "HC4": "training"}
+
+
+def stage(code: str) -> str:
+    return STAGES.get(code[:3], "structure")
+
+
+def evaluated(context: RuleContext, select: Iterable[str] = ("HC",), ignore: Iterable[str] = ()) -> tuple[str, ...]:
+    """The codes `run_rules` evaluates on `context`: selected, and with the data their stage needs."""
+    available = {"structure": True, "probes": context.measurements is not None, "training": context.training is not None}
+    return tuple(code for code, rule in sorted(REGISTRY.items())
+                 if rule.check is not None and selected(code, select, ignore) and available[stage(code)])
+
+
 def run_rules(context: RuleContext, select: Iterable[str] = ("HC",), ignore: Iterable[str] = (),
               options: dict[str, dict[str, Any]] | None = None) -> list[Finding]:
     options = options or {}
