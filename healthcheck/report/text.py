@@ -150,6 +150,18 @@ def finding_text(f: Finding) -> Text:
     return text
 
 
+def findings_text(report: Report, width: int = 100) -> str:
+    """The findings alone, plain text: for messages such as a failing test's."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, theme=THEME, no_color=True, width=width, highlight=False)
+    for f in report.findings:
+        console.print(finding_text(f), end="")
+    summary = ", ".join(f"{n} {s}" for s, n in report.summary().items() if n) or "no findings"
+    suppressed = f" ({len(report.suppressed)} suppressed)" if report.suppressed else ""
+    console.print(f"{summary}{suppressed} · `healthcheck rule CODE` explains a rule")
+    return buffer.getvalue()
+
+
 def render_text(report: Report, *, color: bool = False, verbose: bool = False, width: int | None = None) -> str:
     buffer = io.StringIO()
     console = Console(file=buffer, theme=THEME, force_terminal=color, no_color=not color,

@@ -1,0 +1,57 @@
+"""pytest plugin: assert in your own test suite that a model is healthy at initialization.
+
+    from healthcheck import assert_healthy
+
+    def test_model_trains():
+        assert_healthy(build_model(), torch.randn(8, 3, 32, 32))
+
+or, with no import, through the fixture of the same name:
+
+    def test_model_trains(assert_healthy):
+        assert_healthy(build_model(), torch.randn(8, 3, 32, 32))
+
+A failure lists each finding with its evidence and the fix. Settings (select, ignore, thresholds)
+come from `[tool.healthcheck]` in the pyproject.toml above pytest's root directory; the keyword
+arguments of `healthcheck.check` override them. pytest loads this module through the `pytest11`
+entry point; it imports torch only when a test calls `assert_healthy`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from healthcheck.records import Report
+
+_root: Path | None = None  # pytest's rootdir, where [tool.healthcheck] is looked up
+
+
+def assert_healthy(model: Any, example_inputs: Any, *, fail_on: str | None = None, **options: Any) -> Report:
+    """Fail the calling test when `healthcheck.check(model, example_inputs, **options)` has a finding
+    at or above `fail_on` (default: the configured fail-on, "error"). Returns the report."""
+    __tracebackhide__ = True
+    from healthcheck.api import check
+    from healthcheck.config import load_config
+    from healthcheck.report.text import findings_text
+
+    config = options.pop("config", None) or load_config(_root or Path.cwd())
+    report = check(model, example_inputs, config=config, **options)
+    level = fail_on or config.fail_on
+    if report.fails(level):
+        pytest.fail(f"healthcheck: {report.model.name} is not healthy (fail on {level}):\n\n"
+                    + findings_text(report), pytrace=False)
+    return report
+
+
+@pytest.fixture(name="assert_healthy")
+def assert_healthy_fixture() -> Any:
+    """`assert_healthy(model, example_inputs, **options)`, without an import."""
+    return assert_healthy
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _root
+    _root = Path(str(config.rootpath))
