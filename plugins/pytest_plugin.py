@@ -18,6 +18,7 @@ entry point; it imports torch only when a test calls `assert_healthy`.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,18 +27,19 @@ import pytest
 if TYPE_CHECKING:
     from healthcheck.records import Report
 
-_root: Path | None = None  # pytest's rootdir, where [tool.healthcheck] is looked up
 
-
-def assert_healthy(model: Any, example_inputs: Any, *, fail_on: str | None = None, **options: Any) -> Report:
+def assert_healthy(model: Any, example_inputs: Any, *, fail_on: str | None = None, root: str | Path | None = None,
+                   **options: Any) -> Report:
     """Fail the calling test when `healthcheck.check(model, example_inputs, **options)` has a finding
-    at or above `fail_on` (default: the configured fail-on, "error"). Returns the report."""
+    at or above `fail_on` (default: the configured fail-on, "error"). `[tool.healthcheck]` is read from
+    the pyproject.toml above `root` (the fixture passes pytest's rootdir; default: the current
+    directory) unless `config=` is given. Returns the report."""
     __tracebackhide__ = True
     from healthcheck.api import check
     from healthcheck.config import load_config
     from healthcheck.report.text import findings_text
 
-    config = options.pop("config", None) or load_config(_root or Path.cwd())
+    config = options.pop("config", None) or load_config(Path(root) if root is not None else Path.cwd())
     report = check(model, example_inputs, config=config, **options)
     level = fail_on or config.fail_on
     if report.fails(level):
@@ -47,11 +49,7 @@ def assert_healthy(model: Any, example_inputs: Any, *, fail_on: str | None = Non
 
 
 @pytest.fixture(name="assert_healthy")
-def assert_healthy_fixture() -> Any:
-    """`assert_healthy(model, example_inputs, **options)`, without an import."""
-    return assert_healthy
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    global _root
-    _root = Path(str(config.rootpath))
+def assert_healthy_fixture(request: pytest.FixtureRequest) -> Any:
+    """`assert_healthy(model, example_inputs, **options)` without an import, configured from the
+    pyproject.toml of pytest's rootdir."""
+    return functools.partial(assert_healthy, root=request.config.rootpath)

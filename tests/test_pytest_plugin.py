@@ -1,0 +1,75 @@
+"""The pytest plugin, run as a user runs it: pytester writes a test file into a fresh project and
+runs pytest in a subprocess, where the plugin is loaded through its `pytest11` entry point."""
+
+from __future__ import annotations
+
+import textwrap
+
+pytest_plugins = ["pytester"]
+
+MODELS = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(32, 32)
+            self.fc2 = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+    def net(depth):
+        torch.manual_seed(0)
+        return nn.Sequential(*[Block() for _ in range(depth)], nn.Linear(32, 4))
+''')
+
+TESTS = MODELS + textwrap.dedent('''
+
+    def test_healthy_model(assert_healthy):
+        report = assert_healthy(net(1), torch.randn(16, 32))
+        assert report.findings == []
+
+
+    def test_sick_model():
+        from healthcheck import assert_healthy
+
+        assert_healthy(net(12), torch.randn(16, 32))
+''')
+
+
+def test_healthy_passes_and_sick_fails_with_findings_and_fixes(pytester):
+    pytester.makepyfile(test_models=TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*healthcheck: Sequential is not healthy (fail on error):*",
+        "*error*HC101*12 residual join(s)*",
+        "*fix: Scale each join by 1/√2*",
+        "*FAILED test_models.py::test_sick_model*",
+    ])
+    assert "Traceback" not in result.stdout.str()  # the findings, not healthcheck's internals
+
+
+def test_project_config_is_read_from_the_rootdir(pytester):
+    pytester.makepyprojecttoml('[tool.healthcheck]\nignore = ["HC101"]\n')
+    pytester.makepyfile(test_models=TESTS)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+def test_fail_on_and_options_override(pytester):
+    pytester.makepyfile(test_models=MODELS + textwrap.dedent('''
+
+        def test_warning_fails_at_warning(assert_healthy):
+            assert_healthy(net(3), torch.randn(16, 32), fail_on="warning")
+
+
+        def test_select_limits_the_rules(assert_healthy):
+            assert_healthy(net(12), torch.randn(16, 32), select=["HC2"])
+    '''))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*warning*HC101*", "*FAILED test_models.py::test_warning_fails_at_warning*"])
