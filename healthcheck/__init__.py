@@ -18,7 +18,10 @@ _EXPORTS = {
     "Fix": "healthcheck.records", "Location": "healthcheck.records", "Report": "healthcheck.records",
     "assert_healthy": "healthcheck.plugins.pytest_plugin",
 }
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "Config", "Finding", "Fix", "HealthError", "HealthMonitor", "HealthWarning", "Location", "Report", "UsageError",
+    "assert_healthy", "check", "check_file", "fix", "__version__",
+]
 
 if TYPE_CHECKING:
     from healthcheck.api import check, check_file

@@ -51,8 +51,10 @@ def _split_codes(value: str | None) -> tuple[str, ...] | None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
               help="Report format: text for people; json (the documented schema); sarif for GitHub code "
                    "scanning; junit for CI test views; markdown for a pull-request comment.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the report to this file instead of standard output.")
+@click.option("-o", "--output", "outputs", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
+              help="Write the report to this file instead of standard output. Repeat to write several "
+                   "formats from one run; each file's format then follows its suffix (.sarif, .json, "
+                   ".xml for JUnit, .md, .txt).")
 @click.option("--fail-on", type=click.Choice(FAIL_LEVELS), default=None,
               help="Exit with 1 when a finding is at or above this severity  [default: error].")
 @click.option("--select", default=None, metavar="CODES", help="Comma-separated rule codes or prefixes to run (e.g. HC1,HC201).")
@@ -75,7 +77,7 @@ def _split_codes(value: str | None) -> tuple[str, ...] | None:
               "off when NO_COLOR is set).")
 @click.option("-v", "--verbose", is_flag=True, help="Say why earlier tracers failed and show more detail.")
 @click.option("--debug", is_flag=True, help="Show the full traceback of errors.")
-def check(targets: tuple[str, ...], input_shapes: tuple[str, ...], fmt: str, output: Path | None,
+def check(targets: tuple[str, ...], input_shapes: tuple[str, ...], fmt: str, outputs: tuple[Path, ...],
           fail_on: str | None, select: str | None, ignore: str | None, baseline_path: Path | None,
           tensorboard_dir: Path | None, no_probes: bool, apply_fix: bool, export_path: Path | None,
           trace: str | None, seed: int | None, device: str, color: bool | None, verbose: bool, debug: bool) -> None:
@@ -103,6 +105,8 @@ def check(targets: tuple[str, ...], input_shapes: tuple[str, ...], fmt: str, out
         from healthcheck.loading import parse_shape
         from healthcheck.suppression import load_baseline
 
+        files = [(path, fmt) for path in outputs] if len(outputs) <= 1 else [(p, _format_of(p)) for p in outputs]
+
         shapes = tuple(parse_shape(s) for s in input_shapes) or None
         baseline = load_baseline(baseline_path) if baseline_path is not None else None
         flags = dict(fail_on=fail_on, select=_split_codes(select), ignore=_split_codes(ignore), trace=trace,
@@ -111,7 +115,7 @@ def check(targets: tuple[str, ...], input_shapes: tuple[str, ...], fmt: str, out
         _error(err, exc, debug)
         sys.exit(UsageError.exit_code)
 
-    progress = len(targets) > 1 and fmt == "text" and output is None
+    progress = len(targets) > 1 and fmt == "text" and not outputs
     for target in targets:
         if progress:
             err.print(f"checking {target} …", style="dim")
@@ -130,9 +134,9 @@ def check(targets: tuple[str, ...], input_shapes: tuple[str, ...], fmt: str, out
 
     fail_level = _strictest(gates) if gates else (fail_on or "error")
     if reports:
-        if output is not None:
-            output.write_text(render(reports, fmt, fail_on=fail_level, verbose=verbose))
-        elif fmt == "text":
+        for path, file_format in files:
+            path.write_text(render(reports, file_format, fail_on=fail_level, verbose=verbose))
+        if not outputs and fmt == "text":
             console = Console(highlight=False, no_color=color is False, force_terminal=color or None)
             from healthcheck.report.text import THEME, write_text
 
@@ -141,7 +145,7 @@ def check(targets: tuple[str, ...], input_shapes: tuple[str, ...], fmt: str, out
                 if i:
                     console.print()
                 write_text(report, console, verbose=verbose)
-        else:
+        elif not outputs:
             sys.stdout.write(render(reports, fmt, fail_on=fail_level, verbose=verbose))
     if usage_error:
         sys.exit(UsageError.exit_code)
@@ -163,6 +167,16 @@ def _check_target(target: str, flags: dict, baseline: dict | None, device: str, 
     if export_path is not None:
         _export(fixes, export_path)
     return report, config.fail_on
+
+
+SUFFIX_FORMATS = {".sarif": "sarif", ".json": "json", ".xml": "junit", ".md": "markdown", ".txt": "text"}
+
+
+def _format_of(path: Path) -> str:
+    if path.suffix.lower() not in SUFFIX_FORMATS:
+        known = ", ".join(f"{suffix} ({name})" for suffix, name in SUFFIX_FORMATS.items())
+        raise UsageError(f"-o {path}: with several -o, each file's suffix names its format: {known}")
+    return SUFFIX_FORMATS[path.suffix.lower()]
 
 
 def _strictest(levels: list[str]) -> str:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import fnmatch
+import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from healthcheck.errors import UsageError
 

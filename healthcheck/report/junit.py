@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import xml.etree.ElementTree as ET
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from healthcheck.records import Finding, Report, at_or_above
 from healthcheck.rules.registry import stage
@@ -58,7 +58,7 @@ def render_junit(reports: list[Report], fail_on: str = "error") -> str:
 
     root = ET.Element("testsuites", name="healthcheck")
     totals = {"tests": 0, "failures": 0, "time": 0.0}
-    timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    timestamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
     for report in reports:
         suite = ET.SubElement(root, "testsuite", name=f"healthcheck {report.model.name}",
                               timestamp=timestamp, hostname=socket.gethostname(), time=f"{report.seconds:.3f}")
