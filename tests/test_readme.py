@@ -1,0 +1,35 @@
+"""README's integration snippets run as written: each ```python block under "## Integrations" is
+run in a fresh directory (blocks that define tests run under pytest, the others under python)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+def integration_snippets() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Integrations\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+
+
+def test_there_are_snippets():
+    assert len(integration_snippets()) >= 1
+
+
+@pytest.mark.parametrize("index", range(len(integration_snippets())))
+def test_snippet_runs_as_written(index, tmp_path):
+    snippet = integration_snippets()[index]
+    if "def test_" in snippet:
+        (tmp_path / "test_snippet.py").write_text(snippet)
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_snippet.py"]
+    else:
+        (tmp_path / "snippet.py").write_text(snippet)
+        command = [sys.executable, "snippet.py"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
