@@ -36,6 +36,10 @@ def main() -> None:
     healthcheck model.py:build_net     ... a specific module or zero-argument factory
     healthcheck rule HC101             explain a rule
     healthcheck rules                  list all rules
+
+    \b
+    A finding is silenced at its line with `# healthcheck: ignore[HC101]`, known findings
+    with --baseline; settings come from [tool.healthcheck] in pyproject.toml (see README).
     """
 
 
@@ -43,7 +47,7 @@ def _split_codes(value: str | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(c.strip().upper() for c in value.split(",") if c.strip())
 
 
-@main.command()
+@main.command(short_help="Check the models in FILE... (the default command).")
 @click.argument("targets", metavar="FILE[:NAME]...", nargs=-1, required=True)
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,H,W",
               help="Shape of a random example input (repeat for several inputs); overrides example_input in "
@@ -81,7 +85,7 @@ def check(targets: tuple[str, ...], input_shapes: tuple[str, ...], fmt: str, out
           fail_on: str | None, select: str | None, ignore: str | None, baseline_path: Path | None,
           tensorboard_dir: Path | None, no_probes: bool, apply_fix: bool, export_path: Path | None,
           trace: str | None, seed: int | None, device: str, color: bool | None, verbose: bool, debug: bool) -> None:
-    """Check the model in each FILE (see `healthcheck --help` for how the model is found).
+    """Check the model in each FILE and report the findings (the default command).
 
     \b
     The model is NAME, else `model`, `build_model` or `get_model`, else the only nn.Module
@@ -205,10 +209,10 @@ def _export(fixes: list, path: Path) -> None:
         raise UsageError(f"--export {path}: could not save the fixed model: {type(exc).__name__}: {exc}") from exc
 
 
-@main.command()
+@main.command(short_help="Explain a rule: what, why, example, fix, options.")
 @click.argument("code")
 def rule(code: str) -> None:
-    """Explain rule CODE (e.g. HC101): what, why, example, fix, options."""
+    """Explain rule CODE: what, why, example, fix and options (healthcheck rule HC101)."""
     from healthcheck.rules import REGISTRY
 
     found = REGISTRY.get(code.upper())
