@@ -8,8 +8,10 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import jsonschema
 import pytest
 
+import healthcheck
 from tests.test_cli import run
 
 #: 12 unnormalized residual joins: HC101 at error severity (error-joins defaults to 8), found by
@@ -151,6 +153,7 @@ def test_suppression_comment_at_the_source_line(project, comment, exit_code):
     if exit_code == 0:
         assert "suppressed: 1 by # healthcheck: ignore" in out
         data = json.loads(gate(model, "--format", "json")[1])
+        jsonschema.validate(data, json.loads((Path(healthcheck.__file__).parent / "report" / "report.schema.json").read_text()))
         assert data["findings"] == [] and [s["code"] for s in data["suppressed"]] == ["HC101"]
         assert data["suppressed"][0]["reason"] == "comment"
 
