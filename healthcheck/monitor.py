@@ -53,10 +53,11 @@ class HealthWarning(UserWarning):
 
 
 class HealthError(RuntimeError):
-    """Raised on a finding at or above `fail_on` when on_finding="raise"."""
+    """Raised on a finding at or above `fail_on`: by the monitor when on_finding="raise", by the
+    training callbacks' check before the first step."""
 
-    def __init__(self, findings: list[Finding]) -> None:
-        super().__init__("; ".join(f"{f.code} {f.message}" for f in findings))
+    def __init__(self, findings: list[Finding], message: str | None = None) -> None:
+        super().__init__(message or "; ".join(f"{f.code} {f.message}" for f in findings))
         self.findings = findings
 
 
@@ -106,7 +107,8 @@ class HealthMonitor:
         on_finding: "warn", "raise", "ignore", or a callable `f(finding, event)` with event
             "appeared" / "cleared".
         fail_on: severity that "raise" raises at (default "error").
-        snr_window: consecutive steps whose gradients estimate the gradient SNR (0 turns it off).
+        snr_window: consecutive steps whose gradients estimate the gradient SNR (0 turns it off;
+            default 4, or `every` when smaller, off when every=1).
         ranks: compute effective ranks on sampled steps.
         coordinates: the update ratio and gradient SNR of a tensor are estimated on this many of its
             coordinates (a fixed random subset; relative error ≈ 1/√n, 1.6% at 4096), so that the
@@ -119,7 +121,7 @@ class HealthMonitor:
     def __init__(self, model: nn.Module, log_dir: str | Path | None = None, every: int = 100, *,
                  include: Iterable[str] = ("*",), exclude: Iterable[str] = (), detail: str = "stage",
                  on_finding: str | Callable[[Finding, str], Any] = "warn", fail_on: str = "error",
-                 snr_window: int = 4, ranks: bool = True, coordinates: int | None = 4096,
+                 snr_window: int | None = None, ranks: bool = True, coordinates: int | None = 4096,
                  config: Config | None = None, writer: Any = None) -> None:
         if every < 1:
             raise ValueError(f"every must be ≥ 1, not {every}")
@@ -129,6 +131,8 @@ class HealthMonitor:
             raise ValueError(f"on_finding must be 'warn', 'raise', 'ignore' or a callable, not {on_finding!r}")
         if fail_on not in SEVERITIES:
             raise ValueError(f"fail_on must be one of {', '.join(SEVERITIES)}, not {fail_on!r}")
+        if snr_window is None:  # 4 steps, fewer when sampling more often, off at every step
+            snr_window = min(4, every) if every > 1 else 0
         if snr_window == 1 or snr_window < 0 or snr_window > every:
             raise ValueError(f"snr_window must be 0 (off) or between 2 and every={every}, not {snr_window}")
         self.model = _unwrap(model)

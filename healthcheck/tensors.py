@@ -24,6 +24,18 @@ def tensors_of(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor moved to `device`: tensors, tuples, lists, dicts and mappings such
+    as HF BatchEncoding (returned as plain dicts)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value) if type(value) in (list, tuple) else value
+    return value
+
+
 def forward_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Ask models that cache (HF decoders) not to: a cache is not a tensor output."""
     try:

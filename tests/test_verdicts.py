@@ -80,3 +80,16 @@ def test_each_pathology_is_an_error(name):
     errors = {f.code for f in report.findings if f.severity == "error"}
     assert expected <= errors, (errors, [(f.code, f.message) for f in report.findings])
     assert report.fails("error")
+
+
+@pytest.mark.parametrize("classes", [2, 4, 10])
+def test_a_narrow_head_is_not_a_rank_collapse(classes):
+    """A shallow, normalized classifier: its head has few directions because it has few outputs,
+    not because the representation collapsed. Over 20 initializations, no HC203 at any severity."""
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, classes))
+        report = healthcheck.check(model, x)
+        assert not [f.message for f in report.findings if f.code == "HC203"], seed

@@ -141,7 +141,12 @@ def _hc203(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     if len(points) < 2:
         return
     first = points[0].directions
-    tail = points[len(points) // 2:]
+    # a narrow layer (a classifier head, a bottleneck) has few directions because it has few channels:
+    # collapse is a loss of the directions a layer could carry, so its normalized rank must fall too
+    tail = [p for p in points[len(points) // 2:]
+            if points[0].effective_rank >= opt["min_drop"] * max(p.effective_rank, 1e-12)]
+    if not tail:
+        return
     worst = min(tail, key=lambda p: p.directions)
     lost = first / max(worst.directions, 1e-12)
     if worst.directions <= opt["error_directions"] and lost >= opt["min_drop"]:
@@ -169,7 +174,9 @@ HC203 = register(Rule(
     summary="Signal collapses to a few directions (effective rank → 1)",
     what="Measures the effective rank Σλ/λ_max of the covariance of channel vectors (one per input and "
          "position) at every point, and reports when, in the later half of the network, it falls to "
-         "`warn_directions` or fewer directions after dropping `min_drop`× from the first point.",
+         "`warn_directions` or fewer directions after dropping `min_drop`× from the first point, both in "
+         "directions and as a fraction of what the point can carry (min(channels, vectors)), so that a "
+         "narrow layer such as a 4-class head is not taken for a collapse.",
     why="When the effective rank approaches 1, all inputs map onto one line: the network cannot tell inputs "
         "apart and training starts from a degenerate representation. Deep plain stacks without BN and "
         "attention-only stacks without skips (rank collapse, doubly exponential in depth) do this; "

@@ -1,0 +1,115 @@
+"""The one core behind the training-framework callbacks (`healthcheck.plugins.lightning`,
+`healthcheck.plugins.huggingface`): a check of the model before the first step, then a
+`HealthMonitor` for the steps that follow. An adapter only turns its framework's hooks into these
+calls and finds the framework's TensorBoard writer; no adapter measures anything itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from healthcheck.config import FAIL_LEVELS, Config, load_config
+from healthcheck.monitor import HealthError, HealthMonitor, HealthWarning
+from healthcheck.records import Report
+from healthcheck.report.tensorboard import log_report
+from healthcheck.report.text import findings_text
+from healthcheck.tensors import to_device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@dataclass
+class TrainingHealth:
+    """What a training callback does, framework-free.
+
+    check: run `healthcheck.check` on the model before the first step, log it (`init/*` tags) and
+        warn with its findings; with `fail_on` ("error", "warning", "info") a finding at or above
+        that severity raises `HealthError` before any training step.
+    every, config, monitor_options: passed to `HealthMonitor` (sampling period, rules, on_finding, …).
+    """
+
+    check: bool = True
+    fail_on: str | None = None
+    every: int = 100
+    config: Config | None = None
+    monitor_options: dict[str, Any] = field(default_factory=dict)
+    report: Report | None = None
+    monitor: HealthMonitor | None = None
+    _warned_no_forward: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fail_on is not None and self.fail_on not in FAIL_LEVELS:
+            raise ValueError(f"fail_on must be one of {', '.join(FAIL_LEVELS)} or None, not {self.fail_on!r}")
+        if self.every < 1:
+            raise ValueError(f"every must be ≥ 1, not {self.every}")
+
+    def check_model(self, model: nn.Module, example_inputs: Any, *, writer: Any = None,
+                    main_process: bool = True) -> Report | None:
+        """The check before training: on the model's device, logged through `writer`, findings
+        warned once (main process), `HealthError` if one is at or above `fail_on` (every process,
+        so that all ranks stop together)."""
+        if not self.check:
+            return None
+        if example_inputs is None:
+            if main_process:
+                warnings.warn("healthcheck: no example input, so no check before training "
+                              "(pass example_input=...)", HealthWarning, stacklevel=3)
+            return None
+        from healthcheck.api import check
+
+        config = self.config or load_config(Path.cwd())
+        report = check(model, to_device(example_inputs, model_device(model)), config=config)
+        self.report = report
+        if writer is not None:
+            log_report(report, writer)
+            writer.flush()
+        failing = self.fail_on is not None and report.fails(self.fail_on)
+        if failing:
+            raise HealthError(report.findings, f"healthcheck: {report.model.name} is not healthy at initialization "
+                                               f"(fail_on={self.fail_on!r}):\n\n{findings_text(report)}")
+        if report.findings and main_process:
+            warnings.warn(f"healthcheck: {report.model.name} at initialization:\n\n{findings_text(report)}",
+                          HealthWarning, stacklevel=3)
+        return report
+
+    def start(self, model: nn.Module, *, writer: Any = None, step: int = 0) -> HealthMonitor:
+        """A monitor on `model` that logs through `writer` (None: rules only) from training step `step`."""
+        self.close()
+        options = dict(self.monitor_options)
+        if self.config is not None:
+            options.setdefault("config", self.config)
+        self.monitor = HealthMonitor(model, every=self.every, writer=writer, **options)
+        self.monitor.load_state_dict({"step": step})
+        self._warned_no_forward = False
+        return self.monitor
+
+    def step(self, loss: torch.Tensor | None = None) -> None:
+        """After the backward pass(es) of a training step, before the optimizer steps."""
+        if self.monitor is None:
+            return
+        self.monitor.step(loss)
+        history = self.monitor.history
+        if (not self._warned_no_forward and history and history[0].measurements is None
+                and self.monitor.rank == 0):
+            self._warned_no_forward = True
+            warnings.warn(f"healthcheck: {type(self.monitor.model).__name__}.forward did not run during the "
+                          "sampled training step, so activations are not measured (gradients are); "
+                          "pass module= the submodule that the training step calls", HealthWarning, stacklevel=3)
+
+    def after_optimizer_step(self) -> None:
+        if self.monitor is not None:
+            self.monitor.after_optimizer_step()
+
+    def close(self) -> None:
+        """Remove the monitor's hooks and flush its writer (a framework's writer stays open)."""
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
