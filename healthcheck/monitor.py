@@ -43,6 +43,7 @@ from healthcheck.probes.observer import StatsObserver
 from healthcheck.records import SEVERITIES, Finding
 from healthcheck.report.text import stage_of
 from healthcheck.rules import RuleContext, run_rules
+from healthcheck.suppression import ignored_at_source
 
 #: rules the monitor evaluates by default: forward signal, gradients, training
 DEFAULT_SELECT = ("HC201", "HC202", "HC203", "HC205", "HC301", "HC302", "HC4")
@@ -397,6 +398,7 @@ class HealthMonitor:
         if architecture is not None or sample.nonfinite:
             context = RuleContext(architecture or _EMPTY, sample.measurements, sample)
             findings = run_rules(context, self.config.select, self.config.ignore, self.config.rule_options)
+            findings = [f for f in findings if not ignored_at_source(f)]  # `# healthcheck: ignore[...]`
         events = self._events(findings)
         self._log(sample, findings, events)
         self._act(events, step)

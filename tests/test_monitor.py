@@ -125,6 +125,23 @@ def test_deep_residual_net_without_norm_is_reported_during_training():
     assert ("HC201", "error") in seen
 
 
+def test_source_comment_silences_a_finding_during_training(tmp_path):
+    """The `# healthcheck: ignore[CODE]` comment that silences `check` silences the monitor too."""
+    source = (EXAMPLES / "deep_resnet_no_norm.py").read_text()
+    join = "return x + self.conv2(F.relu(self.conv1(F.relu(x))))"
+    assert join in source
+    silenced = tmp_path / "silenced.py"
+    silenced.write_text(source.replace(join, join + "  # healthcheck: ignore[HC201]"))
+    x, y = data(8, 10, (3, 8, 8))
+    seen = {}
+    for path in (EXAMPLES / "deep_resnet_no_norm.py", silenced):
+        torch.manual_seed(0)
+        model = import_file(path).DeepResNet(width=16, blocks=16)
+        seen[path] = train(model, HealthMonitor(model, every=2, on_finding="ignore", snr_window=0), 1, 1e-6, x, y)
+    assert ("HC201", "error") in seen[EXAMPLES / "deep_resnet_no_norm.py"]
+    assert [code for code, _ in seen[silenced] if code == "HC201"] == []
+
+
 def test_finding_appears_and_clears_through_callback():
     torch.manual_seed(0)
     log = []
