@@ -10,7 +10,7 @@
 
 On a sampled step (every `every` steps) the model's forward is recorded (the same recorder and
 statistics as `healthcheck.check`): E[y²], residual ratio and effective rank at every join (or
-layer), ‖∂L/∂y‖ at those points from tensor hooks, dead units after ReLUs; step() adds gradient and
+every layer's input and the output in a model without joins), ‖∂L/∂y‖ at those points from tensor hooks, dead units after ReLUs; step() adds gradient and
 weight norms per parameter tensor and a weight snapshot for the update ratio; the next
 `snr_window - 1` steps accumulate gradients on device for the gradient SNR. Everything is reduced on
 device, across ranks under torch.distributed, and copied to the host once per sampled step. Other
@@ -168,6 +168,7 @@ class HealthMonitor:
         self._snr_sq: torch.Tensor | None = None
         self._snr_count = 0
         self._uses_after_step = False
+        self._at_joins: bool | None = None  # profile at joins, or at layers: known after the first sample
         self._layout_written = False
         self.history: list[TrainingSample] = []  # every sample, for inspection and tests
         self._handles = [
@@ -198,7 +199,9 @@ class HealthMonitor:
             return
         if not torch.is_grad_enabled():  # an evaluation forward: not the training step
             return
-        self._observer = StatsObserver(at_joins=True, ranks=self.ranks, dead_units=True)
+        # joins, or layers when the model has none; until the first sample has told, both
+        self._observer = StatsObserver(at_joins=self._at_joins is not False, at_layers=self._at_joins is not True,
+                                       ranks=self.ranks, dead_units=True)
         self._session = Session(self.model, self._observer)
         self._session.start((args, kwargs))
 
@@ -207,6 +210,8 @@ class HealthMonitor:
             return
         session, self._session = self._session, None
         self._recording = session.stop(output)
+        if self._observer is not None and self._observer.at_layers:
+            self._observer.measure_output(self._recording.graph, output)
 
     # -- the training loop API -------------------------------------------------------------------
     def step(self, loss: torch.Tensor | None = None) -> list[tuple[Finding, str]]:
@@ -326,7 +331,13 @@ class HealthMonitor:
         self._recording, self._observer = None, None
         pending, self._pending = self._pending, {}
         joins = find_joins(recording.graph) if recording is not None else []
-        nodes = [j.node for j in joins] if joins else []
+        if recording is not None and self._at_joins is None:
+            self._at_joins = bool(joins)
+        at_joins = bool(self._at_joins)
+        if at_joins:
+            nodes = [j.node for j in joins]
+        else:
+            nodes = sorted(observer.layer_points) if observer is not None else []
 
         # values to average over ranks, values to max over ranks
         mean_keys: list[Any] = []
@@ -379,9 +390,9 @@ class HealthMonitor:
                 node = recording.graph.nodes[k]
                 name = f"{node.module or '(root)'}:{node.op}#{k}"
                 sample.dead_fraction[name] = 1 - sum(1 for a in alive if a > 0) / max(size, 1)
-            points = profile_points(recording.graph, joins, nodes, host_mean, grad_scale=1 / self.world,
+            points = profile_points(recording.graph, joins if at_joins else [], nodes, host_mean, grad_scale=1 / self.world,
                                     ranks=self.world)
-            sample.measurements = Measurements(tuple(points), None, float("nan"), "join")
+            sample.measurements = Measurements(tuple(points), None, float("nan"), "join" if at_joins else "layer")
         if "grad" in other:
             names, g, w = other["grad"]
             sample.grad_norm, sample.weight_norm = dict(zip(names, g)), dict(zip(names, w))

@@ -24,6 +24,10 @@ def tensors_of(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def first_float(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    return next((t for t in tensors if t.is_floating_point()), None)
+
+
 def to_device(value: Any, device: torch.device) -> Any:
     """`value` with every tensor moved to `device`: tensors, tuples, lists, dicts and mappings such
     as HF BatchEncoding (returned as plain dicts)."""

@@ -142,6 +142,27 @@ def test_source_comment_silences_a_finding_during_training(tmp_path):
     assert [code for code, _ in seen[silenced] if code == "HC201"] == []
 
 
+def test_plain_stack_is_profiled_per_layer_like_check(tmp_path):
+    """A model without joins: from the first sample on, the monitor profiles every layer's input and
+    the output, the same points and values as `check` on the same batch."""
+    import healthcheck
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = data(32, 10, (32,))
+    expected = healthcheck.check(model, x).measurements
+    assert expected.at == "layer" and len(expected.profile) == 4  # three layer inputs and the output
+    monitor = HealthMonitor(model, log_dir=tmp_path, every=2, on_finding="ignore")
+    train(model, monitor, 3, 0.01, x, y)
+    first = monitor.history[0].measurements
+    assert first.at == "layer"
+    assert [p.var for p in first.profile] == pytest.approx([p.var for p in expected.profile], rel=1e-5)
+    assert [p.effective_rank for p in first.profile] == pytest.approx([p.effective_rank for p in expected.profile],
+                                                                       rel=1e-5)
+    assert len(monitor.history[1].measurements.profile) == 4
+    assert [e.step for e in events(tmp_path).Scalars("health/var/root")] == [0, 2]
+
+
 def test_finding_appears_and_clears_through_callback():
     torch.manual_seed(0)
     log = []

@@ -38,7 +38,7 @@ from healthcheck.graph.joins import Join, find_joins
 from healthcheck.graph.recorder import record
 from healthcheck.probes import stats
 from healthcheck.probes.observer import StatsObserver
-from healthcheck.tensors import forward_kwargs, tensors_of
+from healthcheck.tensors import first_float, forward_kwargs, tensors_of
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,6 @@ class ProbeOptions:
     loss_fn: Callable[[Any], torch.Tensor] | None = None
 
 
-def _first_float(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    return next((t for t in tensors if t.is_floating_point()), None)
-
-
 class _InputPoint:
     """Where the probe's input lives: the first float model input, else the first float tensor the
     model makes from its (integer) inputs. `replace(t)` gives the tensor to use there instead."""
@@ -111,7 +107,7 @@ class _InputPoint:
         self.used: torch.Tensor | None = None
 
     def apply_to_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        target = _first_float(tensors_of((args, kwargs)))
+        target = first_float(tensors_of((args, kwargs)))
         if target is None:
             return args, kwargs
         self.done = True
@@ -173,7 +169,7 @@ def _loss(output: Any, options: ProbeOptions, generator: torch.Generator, per_sa
     or one R shared by all samples (`per_sample=False`) to compare gradients across inputs."""
     if options.loss_fn is not None:
         return options.loss_fn(output)
-    out = _first_float(tensors_of(output))
+    out = first_float(tensors_of(output))
     if out is None:
         raise ValueError("the model returned no floating-point tensor to backpropagate from")
     shape = out.shape if per_sample or out.dim() == 0 else out.shape[1:]
@@ -199,20 +195,19 @@ def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
     observer = StatsObserver(at_joins, options.max_vectors, options.seed, point)
     with torch.enable_grad():
         recording = record(model, args1, kwargs1, observer, skip_dropout=True)
-        output_tensor = _first_float(tensors_of(recording.output))
         graph = recording.graph
-        if not at_joins and output_tensor is not None and graph.outputs:
-            observer.measure(graph.outputs[0], output_tensor, channel_dim=-1 if output_tensor.dim() <= 3 else 1)
+        if not at_joins:
+            observer.measure_output(graph, recording.output)
         loss = _loss(recording.output, options, torch.Generator().manual_seed(options.seed + 1))
         if loss.requires_grad:
             loss.backward(inputs=[point.used] if point.used is not None and point.used.is_leaf else None)
         else:
             failures["gradients"] = "the output does not depend on anything that requires grad"
     input_moment = stats.second_moment(point.original) if point.original is not None else torch.tensor(float("nan"))
-    del loss, recording, output_tensor
+    del loss, recording
 
     joins = find_joins(graph) if at_joins else []
-    point_nodes = [j.node for j in joins] if at_joins else sorted(observer.values)
+    point_nodes = [j.node for j in joins] if at_joins else sorted(observer.layer_points)
 
     # Pass 2: sensitivity by forward-mode AD
     chi: dict[int, float] = {}

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from healthcheck.graph.ir import Category, OpNode
+from healthcheck.graph.ir import Category, OpGraph, OpNode
 from healthcheck.graph.joins import is_weight_layer
 from healthcheck.probes import stats
 from healthcheck.tensors import tensors_of
@@ -21,11 +21,16 @@ class StatsObserver:
     """At every point (each join candidate, or each weight layer's input in plain stacks): E[y²], the
     operands' second moments, the effective rank, and ‖∂L/∂y‖² from a tensor hook; optionally the
     channels of each non-negative activation that were active for some input (dead units). Every
-    value stays a device tensor. `point`, if given, may replace the input point's tensor."""
+    value stays a device tensor. `point`, if given, may replace the input point's tensor.
+
+    `at_layers` (default: not `at_joins`) measures weight layers' inputs; both can be on when it is
+    not yet known whether the model has joins (the monitor's first sample)."""
 
     def __init__(self, at_joins: bool, max_vectors: int = 256, seed: int = 0, point: Any = None,
-                 ranks: bool = True, dead_units: bool = False) -> None:
+                 ranks: bool = True, dead_units: bool = False, at_layers: bool | None = None) -> None:
         self.at_joins = at_joins
+        self.at_layers = not at_joins if at_layers is None else at_layers
+        self.layer_points: set[int] = set()  # the points of a per-layer profile: layer inputs, the output
         self.max_vectors = max_vectors
         self.point = point
         self.ranks = ranks
@@ -51,9 +56,10 @@ class StatsObserver:
             dims = [d for d in range(x.dim()) if d != 1]
             self.batch_stats.append((x.mean(dim=dims), x.var(dim=dims, unbiased=False)))
         if is_weight_layer(node):
-            if not self.at_joins and operands:
+            if self.at_layers and operands:
                 index, tensor = operands[0]
                 self.measure(index, tensor, channel_dim=1 if node.op.startswith("conv") else -1)
+                self.layer_points.add(index)
             out = tensors_of(result)
             if out and out[0].dim() >= 2:
                 features = out[0].shape[1] if node.op.startswith("conv") else out[0].shape[-1]
@@ -63,6 +69,17 @@ class StatsObserver:
             for index, tensor in operands:
                 self.operand_moments[index] = stats.second_moment(tensor)
         return None
+
+    def measure_output(self, graph: OpGraph, output: Any) -> None:
+        """The model's output as the last point of a per-layer profile: its first float tensor with a
+        feature dimension (the logits, not a scalar loss beside them)."""
+        tensors = [t for t in tensors_of(output) if t.is_floating_point() and t.dim() >= 1]
+        for tensor in sorted(tensors, key=lambda t: t.dim() < 2):  # stable: the first 2-d+ one first
+            index = next((i for i in graph.outputs if graph.nodes[i].shape == tuple(tensor.shape)), None)
+            if index is not None:
+                self.measure(index, tensor, channel_dim=-1 if tensor.dim() <= 3 else 1)
+                self.layer_points.add(index)
+                return
 
     def _channel_dim(self, tensor: torch.Tensor) -> int:
         if tensor.dim() <= 2 or self.last_weight is None:
