@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from healthcheck.config import FAIL_LEVELS, Config, load_config
+from healthcheck.errors import UsageError
 from healthcheck.monitor import HealthError, HealthMonitor, HealthWarning
 from healthcheck.records import Report
 from healthcheck.report.tensorboard import log_report
@@ -32,7 +33,8 @@ class TrainingHealth:
 
     check: run `healthcheck.check` on the model before the first step, log it (`init/*` tags) and
         warn with its findings; with `fail_on` ("error", "warning", "info") a finding at or above
-        that severity raises `HealthError` before any training step.
+        that severity raises `HealthError` before any training step. A check that cannot run (the
+        example does not fit the model, say) is a warning, and training goes on.
     every, config, monitor_options: passed to `HealthMonitor` (sampling period, rules, on_finding, …).
     """
 
@@ -41,9 +43,9 @@ class TrainingHealth:
     every: int = 100
     config: Config | None = None
     monitor_options: dict[str, Any] = field(default_factory=dict)
-    report: Report | None = None
-    monitor: HealthMonitor | None = None
-    _warned_no_forward: bool = False
+    report: Report | None = field(default=None, init=False)  # the check's, once it has run
+    monitor: HealthMonitor | None = field(default=None, init=False)
+    _warned_no_forward: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.fail_on is not None and self.fail_on not in FAIL_LEVELS:
@@ -66,7 +68,12 @@ class TrainingHealth:
         from healthcheck.api import check
 
         config = self.config or load_config(Path.cwd())
-        report = check(model, to_device(example_inputs, model_device(model)), config=config)
+        try:
+            report = check(model, to_device(example_inputs, model_device(model)), config=config)
+        except UsageError as exc:  # a check that cannot run must not stop training: say why, go on
+            if main_process:
+                warnings.warn(f"healthcheck: no check before training: {exc}", HealthWarning, stacklevel=3)
+            return None
         self.report = report
         if writer is not None:
             log_report(report, writer)

@@ -9,9 +9,10 @@
         monitor.after_optimizer_step()  # optional: update ratios of this step
 
 On a sampled step (every `every` steps) the model's forward is recorded (the same recorder and
-statistics as `healthcheck.check`): E[y²], residual ratio and effective rank at every join (or
-every layer's input and the output in a model without joins), ‖∂L/∂y‖ at those points from tensor hooks, dead units after ReLUs; step() adds gradient and
-weight norms per parameter tensor and a weight snapshot for the update ratio; the next
+statistics as `healthcheck.check`): E[y²], residual ratio and effective rank at every join (or at
+every layer's input and the output of a model without joins), ‖∂L/∂y‖ at those points from tensor
+hooks, dead units after ReLUs; step() adds gradient and weight norms per parameter tensor and a
+weight snapshot for the update ratio; the next
 `snr_window - 1` steps accumulate gradients on device for the gradient SNR. Everything is reduced on
 device, across ranks under torch.distributed, and copied to the host once per sampled step. Other
 steps do one device-side NaN/Inf check of the loss and nothing else: no host sync, no hooks, no
@@ -390,8 +391,8 @@ class HealthMonitor:
                 node = recording.graph.nodes[k]
                 name = f"{node.module or '(root)'}:{node.op}#{k}"
                 sample.dead_fraction[name] = 1 - sum(1 for a in alive if a > 0) / max(size, 1)
-            points = profile_points(recording.graph, joins if at_joins else [], nodes, host_mean, grad_scale=1 / self.world,
-                                    ranks=self.world)
+            points = profile_points(recording.graph, joins if at_joins else [], nodes, host_mean,
+                                    grad_scale=1 / self.world, ranks=self.world)
             sample.measurements = Measurements(tuple(points), None, float("nan"), "join" if at_joins else "layer")
         if "grad" in other:
             names, g, w = other["grad"]

@@ -156,6 +156,14 @@ def test_lightning_monitors_the_submodule_training_step_calls(tmp_path):
     assert callback.report.model.name == "Net"
 
 
+def test_lightning_check_that_cannot_run_warns_and_training_goes_on(tmp_path):
+    module = Classifier(Net(2, norm=True))
+    module.example_input_array = torch.randn(16, WIDTH + 1)  # does not fit the first layer
+    with pytest.warns(HealthWarning, match="no check before training: .*shape"):
+        trainer = fit(module, LightningHealthCallback(fail_on="error", every=2), tmp_path, max_steps=2)
+    assert trainer.global_step == 2
+
+
 # -- Hugging Face Trainer ------------------------------------------------------------------------------
 
 class TokenDataset(torch.utils.data.Dataset):
