@@ -146,11 +146,16 @@ class HealthCallback(TrainerCallback):
                        train_dataloader: Any = None, **kwargs: Any) -> None:
         if model is None:
             raise ValueError("HealthCallback needs the trainer to pass its model")
+        self._detach()  # a run that ended in an exception left its hooks (the Trainer has no teardown event)
         writer = self._writer(args, state)
         example = self.example_input
         if example is None and self.health.check and train_dataloader is not None:
             example = example_batch(train_dataloader, args.per_device_train_batch_size, args.label_names)
-        self.health.check_model(model, example, writer=writer, main_process=state.is_world_process_zero)
+        try:
+            self.health.check_model(model, example, writer=writer, main_process=state.is_world_process_zero)
+        except BaseException:
+            self._detach()
+            raise
         self.health.start(model, writer=writer, step=state.global_step)
         self._loss_hook = model.register_forward_hook(self._capture_loss)
 
@@ -165,6 +170,10 @@ class HealthCallback(TrainerCallback):
         self.health.after_optimizer_step()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        """Remove every hook from the model and close the writer this callback opened (not the Trainer's)."""
         self.health.close()
         if self._loss_hook is not None:
             self._loss_hook.remove()
@@ -172,3 +181,4 @@ class HealthCallback(TrainerCallback):
         if self._own_writer is not None:
             self._own_writer.close()
             self._own_writer = None
+        self._loss_sum, self._loss_count = None, 0

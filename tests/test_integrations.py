@@ -200,9 +200,11 @@ def run_dir(output_dir: Path) -> Path:
 
 def test_hf_trainer_logs_check_and_monitor_through_its_writer(tmp_path):
     callback = HFHealthCallback(every=2)
+    model = gpt2()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HealthWarning)
-        trainer = train(gpt2(), tmp_path / "monitored", [callback])
+        trainer = train(model, tmp_path / "monitored", [callback])
+    assert not model._forward_hooks and not model._forward_pre_hooks  # removed on train end
     # the check ran on the first batch the trainer would build (labels dropped)
     assert callback.report.model.input_shapes == ((8, 16),)
     assert callback.report.architecture.joins  # GPT-2's residual joins were found
@@ -247,11 +249,13 @@ def test_hf_trainer_fails_fast_on_an_unhealthy_model(tmp_path):
     callback = HFHealthCallback(fail_on="error")
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8,
                                           use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
-    trainer = transformers.Trainer(model=TokenNet(), args=args, train_dataset=TokenDataset(), callbacks=[callback])
+    model = TokenNet()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback])
     with pytest.raises(HealthError) as failure:
         trainer.train()
     assert trainer.state.global_step == 0
     assert {f.code for f in failure.value.findings} == {"HC101"}
+    assert not model._forward_hooks and not model._forward_pre_hooks  # nothing left on the model
 
 
 # -- optional dependencies -----------------------------------------------------------------------------
