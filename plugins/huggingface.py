@@ -55,7 +55,7 @@ def example_batch(dataloader: Any, size: int, label_names: list[str] | None = No
     try:
         count = min(size, len(dataset))
         batch = collate([dataset[i] for i in range(count)])
-    except (TypeError, KeyError, IndexError, NotImplementedError):
+    except Exception:  # noqa: BLE001 - a dataset or collator we cannot drive: the check asks for example_input
         return None
     if not isinstance(batch, Mapping):
         return None
@@ -116,8 +116,10 @@ class HealthCallback(TrainerCallback):
         return []
 
     def _writer(self, args: Any, state: Any) -> Any:
-        if self.writer is not None or not state.is_world_process_zero:
-            return self.writer if state.is_world_process_zero else None
+        if not state.is_world_process_zero:
+            return None
+        if self.writer is not None:
+            return self.writer
         for callback in self._sibling_callbacks():
             if getattr(callback, "tb_writer", None) is not None:
                 return callback.tb_writer
