@@ -120,3 +120,19 @@ class TrainingHealth:
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
+
+
+class HealthView:
+    """What a framework callback shows of its `TrainingHealth` (mixed into each callback class)."""
+
+    health: TrainingHealth
+
+    @property
+    def report(self) -> Report | None:
+        """The report of the check before training (None before it ran, or when it was skipped)."""
+        return self.health.report
+
+    @property
+    def monitor(self) -> HealthMonitor | None:
+        """The monitor while training runs (None before and after)."""
+        return self.health.monitor

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from healthcheck.callbacks import TrainingHealth
+from healthcheck.callbacks import HealthView, TrainingHealth
 from healthcheck.config import Config
 
 try:
@@ -63,7 +63,7 @@ def example_batch(dataloader: Any, size: int, label_names: list[str] | None = No
     return {k: v for k, v in batch.items() if k not in labels}
 
 
-class HealthCallback(TrainerCallback):
+class HealthCallback(TrainerCallback, HealthView):
     """Check the model on train begin, then monitor it (see the module docs).
 
     Args:
@@ -90,15 +90,6 @@ class HealthCallback(TrainerCallback):
         self._loss_hook: Any = None
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
-
-    @property
-    def report(self) -> Any:
-        """The report of the check on train begin (None before, or when skipped)."""
-        return self.health.report
-
-    @property
-    def monitor(self) -> Any:
-        return self.health.monitor
 
     # -- the trainer's TensorBoard writer ------------------------------------------------------------
     def _sibling_callbacks(self) -> list[Any]:

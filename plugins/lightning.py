@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from healthcheck.callbacks import TrainingHealth
+from healthcheck.callbacks import HealthView, TrainingHealth
 from healthcheck.config import Config
 
 try:
@@ -57,7 +57,7 @@ def tensorboard_writer(trainer: Any) -> Any:
     return None
 
 
-class HealthCallback(pl.Callback):
+class HealthCallback(pl.Callback, HealthView):
     """Check the LightningModule on fit start, then monitor it (see the module docs).
 
     Args:
@@ -84,15 +84,6 @@ class HealthCallback(pl.Callback):
                                      monitor_options=monitor_options)
         self._loss: torch.Tensor | None = None
         self._stepped = False
-
-    @property
-    def report(self) -> Any:
-        """The report of the check on fit start (None before, or when skipped)."""
-        return self.health.report
-
-    @property
-    def monitor(self) -> Any:
-        return self.health.monitor
 
     def _watched(self, pl_module: nn.Module) -> nn.Module:
         if self.module is None:
