@@ -16,6 +16,7 @@ Works with `lightning.pytorch` and with `pytorch_lightning` (needs one: `pip ins
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ def _tensorboard_logger_classes() -> tuple[type, ...]:
     classes = []
     for name in ("lightning.pytorch.loggers", "pytorch_lightning.loggers"):
         try:
-            module = __import__(name, fromlist=["TensorBoardLogger"])
+            module = importlib.import_module(name)
         except ImportError:
             continue
         classes.append(module.TensorBoardLogger)
