@@ -35,8 +35,9 @@ class Config:
         """The settings for the model `FILE[:NAME]`: every `models` table whose pattern matches, in order.
 
         A pattern is a glob on the file path relative to the pyproject.toml (`models/*.py`), with an
-        optional `:NAME` that matches the NAME given as `FILE:NAME`. `ignore` adds to the global ignore list (like ruff's per-file-ignores), rule
-        options merge per rule, and every other key replaces the global value.
+        optional `:NAME` that matches the NAME given as `FILE:NAME`. `ignore` adds to the global
+        ignore list (like ruff's per-file-ignores), rule options merge per rule, and every other key
+        replaces the global value.
         """
         from healthcheck.loading import split_spec
 

@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 
 from healthcheck.records import Finding, Report, at_or_above
+from healthcheck.report.text import evidence_text
 from healthcheck.rules.registry import stage
 
 SKIP_REASONS = {"probes": "init-time probes were not run (--no-probes)",
@@ -23,8 +24,14 @@ def _finding_line(f: Finding) -> str:
     if f.location.source:
         where += f" ({f.location.source})"
     fix = f"\n    fix: {f.fix.summary}" if f.fix else ""
-    evidence = ", ".join(f"{k}={v}" for k, v in f.evidence.items())
-    return f"{f.severity} {f.code} at {where}: {f.message}\n    evidence: {evidence}{fix}"
+    return f"{f.severity} {f.code} at {where}: {f.message}\n    evidence: {evidence_text(f.evidence)}{fix}"
+
+
+def _skip_reason(report: Report, code: str) -> str:
+    rule_stage = stage(code)
+    if rule_stage == "training" or (rule_stage == "probes" and report.measurements is None):
+        return SKIP_REASONS[rule_stage]
+    return "not selected (select/ignore)"
 
 
 def _testcase(suite: ET.Element, report: Report, code: str, fail_on: str) -> tuple[bool, bool]:
@@ -42,10 +49,7 @@ def _testcase(suite: ET.Element, report: Report, code: str, fail_on: str) -> tup
                                 message=f"{len(failing)} finding(s): {failing[0].message}")
         failure.text = "\n".join(_finding_line(f) for f in failing)
     elif skipped:
-        reason = SKIP_REASONS.get(stage(code), "not selected (select/ignore)")
-        if stage(code) == "probes" and report.measurements is not None:
-            reason = "not selected (select/ignore)"
-        ET.SubElement(case, "skipped", message=reason)
+        ET.SubElement(case, "skipped", message=_skip_reason(report, code))
     rest = [_finding_line(f) for f in findings if f not in failing]
     rest += [f"suppressed ({s.reason}): " + _finding_line(s.finding) for s in report.suppressed if s.finding.code == code]
     if rest:

@@ -5,7 +5,7 @@ before/after numbers of each fix measured on a fixed copy."""
 from __future__ import annotations
 
 from healthcheck.records import Finding, Report
-from healthcheck.report.text import FIX_ROWS, format_value, short_path
+from healthcheck.report.text import fix_rows, short_path
 
 ICONS = {"error": "🔴", "warning": "🟠", "info": "🔵"}
 MAX_FINDINGS = 25  # per model; the rest are counted, the full list is in the JSON/SARIF report
@@ -37,14 +37,7 @@ def fixes_table(report: Report) -> str:
         return ""
     head = "| quantity | before | " + " | ".join(f"after `{f.transform}`" for f in fixes) + " |"
     rows = [head, "|---|---:|" + "---:|" * len(fixes)]
-    for key, label in FIX_ROWS:
-        values = [fixes[0].before_numbers.get(key)] + [f.after_numbers.get(key) for f in fixes]
-        if all(v is None for v in values):
-            continue
-        rows.append(f"| {label} | " + " | ".join("-" if v is None else format_value(v) for v in values) + " |")
-    rows.append("| findings | " + " | ".join(
-        _cell(", ".join(numbers.get("findings", [])) or "none")
-        for numbers in [fixes[0].before_numbers] + [f.after_numbers for f in fixes]) + " |")
+    rows += [f"| {label} | " + " | ".join(_cell(c) for c in cells) + " |" for label, cells in fix_rows(fixes)]
     rows.append("| verified | | " + " | ".join("✅ yes" if f.verified else "❌ no" for f in fixes) + " |")
     return "**Fixes measured on a copy of the model**\n\n" + "\n".join(rows)
 

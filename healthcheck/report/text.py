@@ -142,8 +142,7 @@ def finding_text(f: Finding) -> Text:
         where += f"  ({short_path(f.location.source)})"
     text.append(f"    at {where}\n", style="hc.dim")
     if f.evidence:
-        evidence = " · ".join(f"{k}={format_value(v)}" for k, v in f.evidence.items())
-        text.append(f"    evidence: {evidence}\n", style="hc.dim")
+        text.append(f"    evidence: {evidence_text(f.evidence)}\n", style="hc.dim")
     if f.fix is not None:
         text.append("    fix: ", style="hc.fix")
         text.append(f"{f.fix.summary}\n")
@@ -181,6 +180,23 @@ FIX_ROWS = (
 )
 
 
+def fix_rows(fixes: list[Any]) -> list[tuple[str, list[str]]]:
+    """The before/after table of fixes tried, as (label, [before, after each fix]) formatted cells;
+    quantities that no column measured are left out. The text and Markdown reports lay it out."""
+    numbers = [fixes[0].before_numbers] + [f.after_numbers for f in fixes]
+    rows = []
+    for key, label in FIX_ROWS:
+        values = [n.get(key) for n in numbers]
+        if any(v is not None for v in values):
+            rows.append((label, ["-" if v is None else format_value(v) for v in values]))
+    rows.append(("findings", [", ".join(n.get("findings", [])) or "none" for n in numbers]))
+    return rows
+
+
+def evidence_text(evidence: dict[str, Any]) -> str:
+    return " · ".join(f"{k}={format_value(v)}" for k, v in evidence.items())
+
+
 def write_fixes(report: Report, console: Console) -> None:
     """Before/after table of the fixes tried, then the code change for each verified one."""
     from healthcheck.fixes.guidance import suggestion
@@ -196,11 +212,8 @@ def write_fixes(report: Report, console: Console) -> None:
     table.add_column("before", justify="right")
     for f in fixes:
         table.add_column(f.transform, justify="right")
-    for key, label in FIX_ROWS:
-        values = [fixes[0].before_numbers.get(key)] + [f.after_numbers.get(key) for f in fixes]
-        table.add_row(Text(label), *[format_value(v) if v is not None else "-" for v in values])
-    table.add_row(Text("findings"), Text(", ".join(fixes[0].before_numbers.get("findings", [])) or "none"),
-                  *[Text(", ".join(f.after_numbers.get("findings", [])) or "none") for f in fixes])
+    for label, cells in fix_rows(fixes):
+        table.add_row(Text(label), *[Text(c) for c in cells])
     table.add_row(Text("verified"), "", *[Text("yes", style="hc.ok") if f.verified else Text("no", style="hc.error")
                                           for f in fixes])
     console.print(table)

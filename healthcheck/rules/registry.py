@@ -99,9 +99,8 @@ def run_rules(context: RuleContext, select: Iterable[str] = ("HC",), ignore: Ite
     options = options or {}
     select, ignore = tuple(select), tuple(ignore)
     findings: list[Finding] = []
-    for code, rule in sorted(REGISTRY.items()):
-        if rule.check is None or not selected(code, select, ignore):
-            continue
+    for code in evaluated(context, select, ignore):
+        rule = REGISTRY[code]
         findings.extend(rule.check(context, {**rule.options, **options.get(code, {})}))
     return findings
 
