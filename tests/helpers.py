@@ -12,3 +12,31 @@ def source_line(obj_or_path, text: str, nth: int = 0) -> str:
     hits = [i + 1 for i, line in enumerate(lines) if text in line]
     assert len(hits) > nth, f"{text!r} not found {nth + 1} times in {path}"
     return f"{path}:{hits[nth]}"
+
+
+#: source of a residual MLP whose joins have no normalization or scaling (HC101 error at depth 12),
+#: for tests that write it into a user's model file
+RESIDUAL_MLP = """import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 32)
+        self.fc2 = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))  # JOIN
+
+
+class Net(nn.Module):
+    def __init__(self, depth=12):
+        super().__init__()
+        self.blocks = nn.Sequential(*[Block() for _ in range(depth)])
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+"""

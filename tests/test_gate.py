@@ -12,34 +12,12 @@ import jsonschema
 import pytest
 
 import healthcheck
+from tests.helpers import RESIDUAL_MLP
 from tests.test_cli import run
 
 #: 12 unnormalized residual joins: HC101 at error severity (error-joins defaults to 8), found by
 #: the structure pass alone, so these tests run with --no-probes
-SICK = """
-import torch
-from torch import nn
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(32, 32)
-        self.fc2 = nn.Linear(32, 32)
-
-    def forward(self, x):
-        return x + self.fc2(torch.relu(self.fc1(x)))  # JOIN
-
-
-class Net(nn.Module):
-    def __init__(self, depth=12):
-        super().__init__()
-        self.blocks = nn.Sequential(*[Block() for _ in range(depth)])
-        self.head = nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.head(self.blocks(x))
-
+SICK = RESIDUAL_MLP + """
 
 model = Net()
 example_input = torch.randn(16, 32)

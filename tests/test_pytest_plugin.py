@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import textwrap
 
+from tests.helpers import RESIDUAL_MLP
+
 pytest_plugins = ["pytester"]
 
-MODELS = textwrap.dedent('''
-    import torch
-    from torch import nn
-
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(32, 32)
-            self.fc2 = nn.Linear(32, 32)
-
-        def forward(self, x):
-            return x + self.fc2(torch.relu(self.fc1(x)))
-
+MODELS = RESIDUAL_MLP + textwrap.dedent('''
 
     def net(depth):
         torch.manual_seed(0)
-        return nn.Sequential(*[Block() for _ in range(depth)], nn.Linear(32, 4))
+        return Net(depth)
 ''')
 
 TESTS = MODELS + textwrap.dedent('''
@@ -46,7 +35,7 @@ def test_healthy_passes_and_sick_fails_with_findings_and_fixes(pytester):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
-        "*healthcheck: Sequential is not healthy (fail on error):*",
+        "*healthcheck: Net is not healthy (fail on error):*",
         "*error*HC101*12 residual join(s)*",
         "*fix: Scale each join by 1/√2*",
         "*FAILED test_models.py::test_sick_model*",
