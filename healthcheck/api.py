@@ -22,7 +22,7 @@ from healthcheck.records import SEVERITIES, ModelInfo, Report
 from healthcheck.rules import RuleContext, run_rules
 from healthcheck.rules.registry import evaluated
 from healthcheck.suppression import load_baseline, suppress
-from healthcheck.tensors import forward_kwargs, tensors_of
+from healthcheck.tensors import forward_kwargs, tensors_of, to_device
 
 
 def _shapes(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
@@ -130,8 +130,7 @@ def load_file(spec: str, config: Config, device: str | torch.device = "cpu") -> 
         torch.manual_seed(config.seed)
         target = load_target(spec, config.input_shapes, config.seed)
     model = target.model.to(target_device)
-    args = tuple(a.to(target_device) if isinstance(a, torch.Tensor) else a for a in target.args)
-    kwargs = {k: v.to(target_device) if isinstance(v, torch.Tensor) else v for k, v in target.kwargs.items()}
+    args, kwargs = to_device(target.args, target_device), to_device(target.kwargs, target_device)
     return model, args, kwargs, target.name, target.source
 
 
