@@ -23,7 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def hf_run(args, callback) -> float:
+def hf_run(args, callback) -> tuple[float, float]:
     import transformers
     from healthcheck.plugins.huggingface import HealthCallback
 
@@ -46,7 +46,7 @@ def hf_run(args, callback) -> float:
     return seconds, (callbacks[0].report.seconds if callback else 0.0)
 
 
-def lightning_run(args, callback) -> float:
+def lightning_run(args, callback) -> tuple[float, float]:
     import lightning as L
     from healthcheck.plugins.lightning import HealthCallback
     from lightning.pytorch.loggers import TensorBoardLogger
