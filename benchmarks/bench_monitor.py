@@ -100,6 +100,42 @@ def memory(args) -> tuple[int, int, int]:
     return plain, monitored, one_time
 
 
+def host_copies(args) -> list[int]:
+    """Calls that bring tensor data to the host (`.cpu()`, `.tolist()`, `.item()`, `bool()`, …) in
+    each of `every` monitored steps after the first sample (counted with a TorchFunctionMode: every
+    call still runs). Target: 1 on the sampled step, 0 on the others."""
+    from torch.overrides import TorchFunctionMode
+
+    from healthcheck import HealthMonitor
+
+    names = {"cpu", "tolist", "item", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+
+    class Count(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def __torch_function__(self, func, types, args_=(), kwargs=None):
+            self.calls += getattr(func, "__name__", "") in names
+            return func(*args_, **(kwargs or {}))
+
+    model, optimizer, x, y = setup(args)
+    monitor = HealthMonitor(model, every=args.every, on_finding="ignore", figure_every=0)
+    counts = []
+    for step in range(2 * args.every):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        with Count() as count:
+            monitor.step(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            monitor.after_optimizer_step()
+        if step >= args.every:
+            counts.append(count.calls)
+    monitor.close()
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -116,17 +152,18 @@ def main() -> None:
     monitor = HealthMonitor(model, every=args.every, on_finding="ignore")
     strict = args.device.startswith("cuda")
     run_steps(model, optimizer, x, y, 3)  # warm-up
-    monitor._step = 1  # warm the monitor's first sample outside the timed segments
+    monitor.load_state_dict({"step": 1})  # warm the monitor's first sample outside the timed segments
     plain, monitored = [], []
     for pair in range(args.segments):
         for kind in (("plain", "monitored") if pair % 2 == 0 else ("monitored", "plain")):
             if kind == "plain":
                 plain.append(run_steps(model, optimizer, x, y, args.every))
             else:
-                monitor._step = 0
+                monitor.load_state_dict({"step": 0})  # each monitored segment starts with a sampled step
                 monitored.append(run_steps(model, optimizer, x, y, args.every, monitor, strict_sync=strict))
     t_plain, t_mon = statistics.median(plain), statistics.median(monitored)
     plain_peak, monitored_peak, one_time = memory(args)
+    copies = host_copies(args)
     print(f"torch {torch.__version__}, {args.device}, {args.model} {args.batch}×3×{args.size}², every={args.every}, "
           f"threads {torch.get_num_threads()}")
     print(f"step time: plain {t_plain / args.every * 1e3:.1f} ms, monitored {t_mon / args.every * 1e3:.1f} ms "
@@ -135,6 +172,7 @@ def main() -> None:
     print(f"peak memory over {args.every} steps: plain {plain_peak / 2**20:.0f} MB, monitored "
           f"{monitored_peak / 2**20:.0f} MB → ×{monitored_peak / plain_peak:.3f} (one-time, at the first "
           f"sample: +{one_time / 2**20:.0f} MB)")
+    print(f"host copies: {copies[0]} on the sampled step, {max(copies[1:], default=0)} on the others")
 
 
 if __name__ == "__main__":

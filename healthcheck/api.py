@@ -15,7 +15,7 @@ from healthcheck.errors import UsageError, describe
 from healthcheck.graph.architecture import analyze
 from healthcheck.graph.taxonomy import is_user_frame
 from healthcheck.graph.tracers import TRACE_METHODS
-from healthcheck.guard import preserved
+from healthcheck.guard import copy_inputs, preserved
 from healthcheck.loading import as_call_args, expected_input
 from healthcheck.probes import ProbeOptions, measure
 from healthcheck.records import SEVERITIES, ModelInfo, Report
@@ -69,17 +69,21 @@ def check(model: nn.Module, example_inputs: Any, *, config: Config | None = None
     with preserved(model):
         model.eval()
         forward_start = time.perf_counter()
-        validate_forward(model, args, kwargs)
+        # every phase runs on its own copy of the inputs: an in-place op on the input inside forward
+        # never reaches the caller's tensors, nor the next phase
+        validate_forward(model, *copy_inputs((args, kwargs)))
         cheap_forward = time.perf_counter() - forward_start < 0.1
+        parameters = sum(p.numel() for p in model.parameters())  # here, where a lazy model is materialized
         try:
-            architecture = analyze(model, args, kwargs, methods, cheap_forward)
+            architecture = analyze(model, *copy_inputs((args, kwargs)), methods, cheap_forward)
         except Exception as exc:  # noqa: BLE001
             raise UsageError(f"could not trace the model ({', '.join(methods)}): {type(exc).__name__}: {exc}") from exc
         measurements = None
         if probes:
             options = ProbeOptions(seed=config.seed, loss_fn=loss_fn)
             try:
-                measurements = measure(model, args, kwargs, at_joins=bool(architecture.joins), options=options)
+                measurements = measure(model, *copy_inputs((args, kwargs)), at_joins=bool(architecture.joins),
+                                       options=options)
             except Exception as exc:  # noqa: BLE001
                 raise UsageError(f"the probes could not run the model in train mode: {describe(exc)}") from exc
     context = RuleContext(architecture, measurements)
@@ -87,7 +91,7 @@ def check(model: nn.Module, example_inputs: Any, *, config: Config | None = None
     findings.sort(key=lambda f: (SEVERITIES.index(f.severity), f.code))
     info = ModelInfo(
         name=name or type(model).__name__,
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=parameters,
         trace=architecture.trace,
         trace_failures=dict(architecture.trace_failures),
         input_shapes=_shapes(args, kwargs),

@@ -87,10 +87,13 @@ class TrainingHealth:
                           HealthWarning, stacklevel=3)
         return report
 
-    def start(self, model: nn.Module, *, writer: Any = None, step: int = 0) -> HealthMonitor:
-        """A monitor on `model` that logs through `writer` (None: rules only) from training step `step`."""
+    def start(self, model: nn.Module, *, writer: Any = None, step: int = 0, scaler: Any = None) -> HealthMonitor:
+        """A monitor on `model` that logs through `writer` (None: rules only) from training step `step`;
+        `scaler`: the framework's GradScaler under mixed precision (monitor_options may name another)."""
         self.close()
         options = dict(self.monitor_options)
+        if scaler is not None:
+            options.setdefault("scaler", scaler)
         if self.config is not None:
             options.setdefault("config", self.config)
         self.monitor = HealthMonitor(model, every=self.every, writer=writer, **options)

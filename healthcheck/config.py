@@ -1,9 +1,16 @@
-"""Settings: defaults, then `[tool.healthcheck]` in pyproject.toml, then command-line flags."""
+"""Settings: defaults, then `[tool.healthcheck]` in pyproject.toml, then command-line flags.
+
+Every value is validated where it enters (a pyproject key, a flag, a `check()` argument) and a bad
+one is a `UsageError` (a ValueError) that names where it came from and what is accepted.
+"""
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import math
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -11,6 +18,7 @@ from typing import Any
 from healthcheck.errors import UsageError
 
 FAIL_LEVELS = ("error", "warning", "info", "never")
+TRACES = ("auto", "fx", "export", "hooks")
 _MODEL_KEYS = {"fail-on", "select", "ignore", "rules", "input-shape", "seed", "trace"}
 _KEYS = _MODEL_KEYS | {"models"}
 
@@ -27,6 +35,20 @@ class Config:
     #: `[tool.healthcheck.models."PATTERN"]`: field changes for the model files PATTERN matches
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: Path | None = None  # the pyproject.toml it came from
+
+    def __post_init__(self) -> None:
+        # Every Config is valid, however it was made (pyproject, flags, `check(select="HC101")`):
+        # a string of codes is one list, never iterated by character; unknown codes are errors.
+        set_field = object.__setattr__
+        set_field(self, "fail_on", fail_level(self.fail_on, "fail_on"))
+        set_field(self, "select", rule_codes(self.select, "select", allow_empty=False))
+        set_field(self, "ignore", rule_codes(self.ignore, "ignore", allow_empty=True))
+        set_field(self, "rule_options", rule_options(self.rule_options, "rule_options"))
+        set_field(self, "input_shapes", input_shapes(self.input_shapes, "input_shapes", allow_empty=True))
+        set_field(self, "seed", seed_value(self.seed, "seed"))
+        set_field(self, "trace", trace_method(self.trace, "trace"))
+        if not isinstance(self.models, dict) or not all(isinstance(v, dict) for v in self.models.values()):
+            raise UsageError("models must map file patterns to tables of settings")
 
     def override(self, **changes: Any) -> Config:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -64,6 +86,116 @@ class Config:
         return config
 
 
+# --- validators: each takes the value and the name to blame ("--select", "pyproject.toml: [tool.healthcheck]
+# seed", "select"), and returns the normalized value or raises one UsageError line -----------------------------
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", str: "a string", int: "an integer", float: "a number", list: "a list",
+            tuple: "a list", dict: "a table"}.get(type(value), f"a {type(value).__name__}")
+
+
+def fail_level(value: Any, name: str) -> str:
+    if not isinstance(value, str) or value not in FAIL_LEVELS:
+        raise UsageError(f"{name} must be one of {', '.join(FAIL_LEVELS)}, not {value!r}")
+    return value
+
+
+def trace_method(value: Any, name: str) -> str:
+    if not isinstance(value, str) or value not in TRACES:
+        raise UsageError(f"{name} must be one of {', '.join(TRACES)}, not {value!r}")
+    return value
+
+
+def seed_value(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise UsageError(f"{name} must be a non-negative integer such as 0, not {value!r}")
+    return value
+
+
+def rule_codes(value: Any, name: str, allow_empty: bool) -> tuple[str, ...]:
+    """Rule codes or prefixes (`"HC101,HC2"`, `["HC101", "hc2"]`) as an upper-case tuple; each must start
+    some rule's code, so a typo (HC1O1) or an unknown code (HC999) is an error, not a gate that is off."""
+    from healthcheck.rules import REGISTRY
+
+    if isinstance(value, str):
+        items: list[Any] = value.split(",")
+    elif isinstance(value, Iterable) and not isinstance(value, (bytes, dict)):
+        items = list(value)
+    else:
+        raise UsageError(f"{name} must be a list of rule codes or prefixes such as [\"HC1\", \"HC201\"], "
+                         f"not {_type_name(value)}")
+    if not all(isinstance(c, str) for c in items):
+        raise UsageError(f"{name} must be a list of rule codes or prefixes (strings) such as [\"HC1\", \"HC201\"]")
+    codes = tuple(c.strip().upper() for c in items if c.strip())
+    if not codes and not allow_empty:
+        raise UsageError(f"{name} is empty: it would run no rule; give codes or prefixes such as HC1,HC201 "
+                         "(HC selects every rule)")
+    unknown = [c for c in codes if not any(code.startswith(c) for code in REGISTRY)]
+    if unknown:
+        hints = [match for c in unknown for match in difflib.get_close_matches(c, REGISTRY, n=1)]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise UsageError(f"{name}: no rule starts with {', '.join(unknown)}{hint}; `healthcheck rules` lists "
+                         "the codes (a prefix such as HC1 selects a group)")
+    return codes
+
+
+def _option_value(value: Any, default: Any, name: str) -> Any:
+    """A rule option of the default's kind: a count stays an integer, a threshold is a finite number >= 0."""
+    if isinstance(default, bool) or isinstance(default, str):
+        if type(value) is not type(default):
+            raise UsageError(f"{name} must be {_type_name(default)}, not {value!r}")
+        return value
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int) and not (numeric and isinstance(value, int)):
+        raise UsageError(f"{name} must be a non-negative integer such as {default}, not {value!r}")
+    if not numeric or not math.isfinite(value):
+        raise UsageError(f"{name} must be a non-negative number such as {default}, not {value!r}")
+    if value < 0:
+        raise UsageError(f"{name} must be non-negative, not {value!r}")
+    return float(value) if isinstance(default, float) else value
+
+
+def rule_options(value: Any, name: str) -> dict[str, dict[str, Any]]:
+    """{code: {option: value}} with known codes and options (`-` or `_` in option names) of the right kind."""
+    from healthcheck.rules import REGISTRY
+
+    if not isinstance(value, dict):
+        raise UsageError(f"{name} must be a table of rule codes, such as [tool.healthcheck.rules.HC101], "
+                         f"not {_type_name(value)}")
+    out: dict[str, dict[str, Any]] = {}
+    for code, options in value.items():
+        rule = REGISTRY.get(code.upper()) if isinstance(code, str) else None
+        if rule is None:
+            raise UsageError(f"{name}.{code}: no such rule; `healthcheck rules` lists the codes")
+        if not isinstance(options, dict):
+            raise UsageError(f"{name}.{code} must be a table of options such as {{warn-joins = 2}}, "
+                             f"not {_type_name(options)}")
+        converted = {str(k).replace("-", "_"): v for k, v in options.items()}
+        bad_options = set(converted) - set(rule.options)
+        if bad_options:
+            known = ", ".join(k.replace("_", "-") for k in rule.options) or "none"
+            raise UsageError(f"{name}.{code}: unknown option(s) {', '.join(sorted(bad_options))}; known: {known}")
+        out[rule.code] = {key: _option_value(v, rule.options[key], f"{name}.{code}.{key.replace('_', '-')}")
+                          for key, v in converted.items()}
+    return out
+
+
+def input_shapes(value: Any, name: str, allow_empty: bool = False) -> tuple[tuple[int, ...], ...]:
+    """One shape ([8, 3, 32, 32]) or a list of shapes (one per input) of positive integers."""
+    shapes = value
+    if isinstance(shapes, (list, tuple)) and shapes and all(isinstance(n, int) for n in shapes):
+        shapes = [shapes]
+    valid = isinstance(shapes, (list, tuple)) and (bool(shapes) or allow_empty) and all(
+        isinstance(s, (list, tuple)) and s and all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                                   for n in s) for s in shapes)
+    if not valid:
+        raise UsageError(f"{name} must be a list of positive integers such as [8, 3, 32, 32] (or a list of such "
+                         f"lists for several inputs), not {value!r}")
+    return tuple(tuple(s) for s in shapes)
+
+
+# --- pyproject.toml ----------------------------------------------------------------------------------------------
+
 def find_pyproject(start: Path) -> Path | None:
     start = start.resolve()
     for directory in [start, *start.parents] if start.is_dir() else [start.parent, *start.parent.parents]:
@@ -79,12 +211,22 @@ def load_config(start: Path | None = None) -> Config:
     if path is None:
         return Config()
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read [tool.healthcheck]: {exc}") from exc
-    table = data.get("tool", {}).get("healthcheck")
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text; TOML files are UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    tool = data.get("tool", {})
+    if not isinstance(tool, dict):
+        raise UsageError(f"{path}: `tool` must be a table ([tool.healthcheck]), not {_type_name(tool)}")
+    table = tool.get("healthcheck")
     if table is None:
         return Config()
+    if not isinstance(table, dict):
+        raise UsageError(f"{path}: [tool] healthcheck must be a table ([tool.healthcheck] with keys such as "
+                         f"fail-on = \"error\"), not {_type_name(table)}")
     return config_from_table(table, path)
 
 
@@ -92,7 +234,11 @@ def config_from_table(table: dict[str, Any], path: Path | None = None) -> Config
     where = f"{path}: [tool.healthcheck]" if path else "[tool.healthcheck]"
     changes = _fields(table, where, _KEYS)
     models: dict[str, dict[str, Any]] = {}
-    for pattern, model_table in table.get("models", {}).items():
+    model_tables = table.get("models", {})
+    if not isinstance(model_tables, dict):
+        raise UsageError(f"{where}: models must be a table of file patterns, such as "
+                         f"[tool.healthcheck.models.\"models/*.py\"], not {_type_name(model_tables)}")
+    for pattern, model_table in model_tables.items():
         if not isinstance(model_table, dict):
             raise UsageError(f"{where}: models.{pattern!r} must be a table of settings")
         models[pattern] = _fields(model_table, f"{where}: models.{pattern!r}", _MODEL_KEYS)
@@ -100,51 +246,25 @@ def config_from_table(table: dict[str, Any], path: Path | None = None) -> Config
 
 
 def _fields(table: dict[str, Any], where: str, keys: set[str]) -> dict[str, Any]:
-    """Config field changes from one (validated) table of `[tool.healthcheck]` settings."""
-    from healthcheck.rules import REGISTRY
-
+    """Config field changes from one table of `[tool.healthcheck]` settings, each value validated."""
     unknown = set(table) - keys
     if unknown:
         raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(keys))}")
     changes: dict[str, Any] = {}
     if "fail-on" in table:
-        if table["fail-on"] not in FAIL_LEVELS:
-            raise UsageError(f"{where}: fail-on must be one of {', '.join(FAIL_LEVELS)}, not {table['fail-on']!r}")
-        changes["fail_on"] = table["fail-on"]
+        changes["fail_on"] = fail_level(table["fail-on"], f"{where}: fail-on")
     for key in ("select", "ignore"):
         if key in table:
-            codes = table[key]
-            if not isinstance(codes, list) or not all(isinstance(c, str) for c in codes):
-                raise UsageError(f"{where}: {key} must be a list of rule codes or prefixes such as [\"HC1\", \"HC201\"]")
-            bad = [c for c in codes if not any(code.startswith(c.upper()) for code in REGISTRY)]
-            if bad:
-                raise UsageError(f"{where}: {key}: no rule starts with {', '.join(bad)}")
-            changes[key] = tuple(c.upper() for c in codes)
+            if not isinstance(table[key], list):
+                raise UsageError(f"{where}: {key} must be a list of rule codes or prefixes such as "
+                                 f"[\"HC1\", \"HC201\"], not {_type_name(table[key])}")
+            changes[key] = rule_codes(table[key], f"{where}: {key}", allow_empty=key == "ignore")
     if "rules" in table:
-        rule_options: dict[str, dict[str, Any]] = {}
-        for code, options in table["rules"].items():
-            rule = REGISTRY.get(code)
-            if rule is None:
-                raise UsageError(f"{where}: rules.{code}: no such rule")
-            converted = {k.replace("-", "_"): v for k, v in options.items()}
-            bad_options = set(converted) - set(rule.options)
-            if bad_options:
-                known = ", ".join(k.replace("_", "-") for k in rule.options) or "none"
-                raise UsageError(f"{where}: rules.{code}: unknown option(s) {', '.join(sorted(bad_options))}; "
-                                 f"known: {known}")
-            rule_options[code] = converted
-        changes["rule_options"] = rule_options
+        changes["rule_options"] = rule_options(table["rules"], f"{where}: rules")
     if "input-shape" in table:
-        shapes = table["input-shape"]
-        if shapes and isinstance(shapes[0], int):
-            shapes = [shapes]
-        if not shapes or not all(isinstance(s, list) and s and all(isinstance(n, int) and n > 0 for n in s)
-                                 for s in shapes):
-            raise UsageError(f"{where}: input-shape must be a list of positive integers such as [8, 3, 32, 32] "
-                             "(or a list of such lists for several inputs)")
-        changes["input_shapes"] = tuple(tuple(s) for s in shapes)
+        changes["input_shapes"] = input_shapes(table["input-shape"], f"{where}: input-shape")
     if "seed" in table:
-        changes["seed"] = int(table["seed"])
+        changes["seed"] = seed_value(table["seed"], f"{where}: seed")
     if "trace" in table:
-        changes["trace"] = table["trace"]
+        changes["trace"] = trace_method(table["trace"], f"{where}: trace")
     return changes

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import math
 import sys
 import traceback
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from torch import nn
 from healthcheck.errors import UsageError, describe
 
 MODEL_NAMES = ("model", "build_model", "get_model")
+#: the start of the private module name a model file is imported as (never clashes with a real module)
+USER_MODULE_PREFIX = "_healthcheck_user_"
 INPUT_NAMES = ("example_inputs", "example_input")
 
 
@@ -67,7 +70,7 @@ def import_file(path: Path) -> ModuleType:
     if not path.is_file():
         raise UsageError(f"{path}: not a file (give the path of a Python file that defines the model)")
     resolved = path.resolve()
-    name = f"_healthcheck_user_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+    name = f"{USER_MODULE_PREFIX}{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
     spec = importlib.util.spec_from_file_location(name, resolved)
     if spec is None or spec.loader is None:
         raise UsageError(f"{path}: cannot import this file (is it a .py file?)")
@@ -191,14 +194,104 @@ def expected_input(model: nn.Module) -> str:
     return f"the first layer {name} ({type(layer).__name__}) expects input_size {layer.input_size}"
 
 
+#: `--input-shape` draws at least this many inputs (the first dimension) for the probes: the effective rank
+#: (HC203) counts directions among independent inputs, and the tokens or pixels of one input are alike,
+#: so 2 sequences show ~2 directions whatever the model (stats.directions_band)
+PROBE_INPUTS = 16
+#: ... unless one input is large: the enlarged tensor keeps at most this many elements (or the user's own)
+PROBE_ELEMENTS = 1 << 20
+#: ... or the model is: above this many parameters the shapes stay as given (a trial forward on the CPU
+#: checks that the model takes the larger batch, and more inputs cost more)
+PROBE_MAX_PARAMETERS = 100_000_000
+
+
+def probe_shape(shape: tuple[int, ...], model: nn.Module) -> tuple[int, ...]:
+    """The shape `--input-shape` draws for the probes: the first dimension (the inputs) raised to
+    PROBE_INPUTS within PROBE_ELEMENTS; the other dimensions (sequence length, image size, channels)
+    are the user's. A 1-d shape and a time-first RNN input (its first dimension is time) are kept."""
+    found = first_layer(model)
+    time_first = found is not None and isinstance(found[1], nn.modules.rnn.RNNBase) and not found[1].batch_first
+    if len(shape) < 2 or time_first or shape[0] >= PROBE_INPUTS:
+        return shape
+    per_input = math.prod(shape[1:])
+    inputs = min(PROBE_INPUTS, max(shape[0], PROBE_ELEMENTS // max(per_input, 1)))
+    return (inputs, *shape[1:])
+
+
+def special_token_ids(model: nn.Module, vocabulary: int) -> set[int]:
+    """Ids a random token input must not contain: the config's pad/bos/eos/unk/sep/cls/mask/... ids (any
+    `*_token_id(s)` of `model.config` or its sub-configs) and the Embedding's `padding_idx`. A pad id
+    among random tokens gives a position that no real loss counts."""
+    ids: set[int] = set()
+    configs = [getattr(model, "config", None)]
+    configs += [getattr(configs[0], key, None) for key in ("text_config", "decoder", "encoder")]
+    for config in configs:
+        if config is None:
+            continue
+        keys = list(config) if isinstance(config, dict) else [k for k in dir(config) if not k.startswith("__")]
+        for key in keys:
+            if not key.endswith(("_token_id", "_token_ids")):
+                continue
+            try:
+                value = config[key] if isinstance(config, dict) else getattr(config, key)
+            except Exception:  # noqa: BLE001 - a config property that cannot be read names no id
+                continue
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocabulary:
+                    ids.add(v)
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            ids.add(module.padding_idx % module.num_embeddings)
+    return {i for i in ids if i < vocabulary}
+
+
 def random_inputs(model: nn.Module, shapes: tuple[tuple[int, ...], ...], seed: int) -> tuple:
-    """Inputs of the given shapes: token ids when the model starts with an Embedding, else N(0, 1)."""
+    """Inputs for `--input-shape`: token ids when the model starts with an Embedding (never a pad or
+    other special id), else N(0, 1). The first dimension is raised to PROBE_INPUTS (`probe_shape`), the
+    same for every shape that shares it, so that the probes see enough independent inputs, when the
+    model's forward accepts that (else the shapes as given); a user's own `example_input` is never changed."""
+    small = sum(p.numel() for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter)) \
+        <= PROBE_MAX_PARAMETERS
+    enlarged = tuple(probe_shape(shape, model) for shape in shapes) if small else shapes
+    if any(len(a) >= 2 and len(b) >= 2 and a[0] == b[0] and ea[0] != eb[0]
+           for a, ea in zip(shapes, enlarged) for b, eb in zip(shapes, enlarged)):
+        enlarged = shapes  # inputs that share a batch must keep sharing it
+    if enlarged != shapes:
+        inputs = _draw_inputs(model, enlarged, seed)
+        if _runs(model, inputs):
+            return inputs
+    # the user's shapes as given: a model that cannot take more inputs (a fixed batch in a reshape) keeps
+    # working, and a wrong shape is reported as the user typed it
+    return _draw_inputs(model, shapes, seed)
+
+
+def _runs(model: nn.Module, inputs: tuple) -> bool:
+    """Whether the model's forward accepts `inputs`: one pass without gradients, in eval mode so that no
+    BatchNorm running statistic moves; every module's train/eval flag is restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: use the shapes the user gave
+        return False
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _draw_inputs(model: nn.Module, shapes: tuple[tuple[int, ...], ...], seed: int) -> tuple:
     generator = torch.Generator().manual_seed(seed)
     found = first_layer(model)
     out = []
     for shape in shapes:
         if found is not None and isinstance(found[1], nn.Embedding):
-            out.append(torch.randint(0, found[1].num_embeddings, shape, generator=generator))
+            vocabulary = found[1].num_embeddings
+            allowed = torch.ones(vocabulary, dtype=torch.bool)
+            allowed[sorted(special_token_ids(model, vocabulary))] = False
+            pool = allowed.nonzero().squeeze(1) if allowed.any() else torch.arange(vocabulary)
+            out.append(pool[torch.randint(0, len(pool), shape, generator=generator)])
         else:
             out.append(torch.randn(shape, generator=generator))
     return tuple(out)

@@ -149,7 +149,8 @@ class HealthCallback(TrainerCallback, HealthView):
         except BaseException:
             self._detach()
             raise
-        self.health.start(model, writer=writer, step=state.global_step)
+        scaler = getattr(kwargs.get("optimizer"), "scaler", None)  # fp16: accelerate's GradScaler
+        self.health.start(model, writer=writer, step=state.global_step, scaler=scaler)
         self._loss_hook = model.register_forward_hook(self._capture_loss)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

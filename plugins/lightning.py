@@ -102,7 +102,9 @@ class HealthCallback(pl.Callback, HealthView):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # here, not on fit start: a resumed run's global step is restored by now
-        self.health.start(self._watched(pl_module), writer=tensorboard_writer(trainer), step=trainer.global_step)
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)  # "16-mixed": its GradScaler
+        self.health.start(self._watched(pl_module), writer=tensorboard_writer(trainer), step=trainer.global_step,
+                          scaler=scaler)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         loss = loss.detach()

@@ -1,9 +1,11 @@
-"""Worker for test_monitor.test_ddp_two_processes_match_single_process.
+"""Worker for the DDP tests of test_monitor and test_robust_monitor.
 
 `python ddp_worker.py single DIR` trains on the global batch in one process; under torchrun,
-`ddp_worker.py ddp DIR` trains the same model with DDP, each rank on its half of the batch.
+`ddp_worker.py ddp DIR` trains the same model with DDP, each rank on its half of the batch;
+`ddp_worker.py nan DIR`: a NaN on one rank; `ddp_worker.py diverge DIR`: ranks run different layers.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -40,9 +42,65 @@ def nan_on_rank_one(log_dir: str) -> None:
     dist.destroy_process_group()
 
 
+class Block(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.linear(x))
+
+
+class LayerDropNet(torch.nn.Module):
+    """Residual blocks of which each rank skips a different one (LayerDrop with a per-rank draw):
+    the ranks' recorded graphs differ in which joins they hold and in their node numbering."""
+
+    def __init__(self, width: int = 16, blocks: int = 4) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block(width) for _ in range(blocks))
+        self.head = torch.nn.Linear(width, 10)
+        self.skip = -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            if i != self.skip:
+                x = block(x)
+        return self.head(x)
+
+
+def diverging_graphs(log_dir: str) -> None:
+    """Rank r skips block r + 1: no hang, and every rank reads the same reduced numbers."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    net = LayerDropNet()
+    net.skip = rank + 1
+    model = DistributedDataParallel(net, find_unused_parameters=True)
+    monitor = HealthMonitor(model, log_dir=log_dir, every=2, snr_window=2, ranks=False, on_finding="ignore")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(5):
+        loss = F.cross_entropy(model(torch.randn(8, 16, generator=g)), torch.randint(0, 10, (8,), generator=g))
+        loss.backward()
+        monitor.step(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        monitor.after_optimizer_step()
+    monitor.close()
+    samples = [{"step": s.step, "loss": s.loss, "profile": {p.id: p.var for p in s.measurements.profile},
+                "grad_rms": {p.id: p.grad_rms for p in s.measurements.profile}} for s in monitor.history]
+    (Path(log_dir) / f"samples.{rank}.json").write_text(json.dumps(samples))
+    dist.barrier()
+    dist.destroy_process_group()
+    (Path(log_dir) / f"done.{rank}").touch()
+
+
 def main(mode: str, log_dir: str) -> None:
     if mode == "nan":
         nan_on_rank_one(log_dir)
+        return
+    if mode == "diverge":
+        diverging_graphs(log_dir)
         return
     torch.manual_seed(0)
     model = zoo.ScaledResNet(width=32, blocks=4)

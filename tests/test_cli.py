@@ -253,7 +253,7 @@ def test_console_script_and_module_entry_points():
     assert proc.returncode == 2 and proc.stderr.strip() == "healthcheck: error: nope.py: no such file"
 
 
-def test_fix_shows_before_after_and_code_change(tmp_path):
+def test_fix_shows_before_after_and_code_change(tmp_path, monkeypatch):
     code, out, err = run(str(EXAMPLES / "deep_resnet_no_norm.py"), "--fix", "--export", str(tmp_path / "fixed.pt"))
     assert code == 1, err  # the findings of the original model still decide the exit code
     assert "Fixes applied to a copy and measured again" in out
@@ -261,6 +261,9 @@ def test_fix_shows_before_after_and_code_change(tmp_path):
     assert "+        return (x + self.conv2(F.relu(self.conv1(F.relu(x))))) / math.sqrt(2)" in out
     import torch
 
+    # loaded as a user would, in a process where the model file is importable (its classes are
+    # pickled as deep_resnet_no_norm.Block, not under the check's private module name)
+    monkeypatch.syspath_prepend(str(EXAMPLES))
     fixed = torch.load(tmp_path / "fixed.pt", weights_only=False)
     assert fixed(torch.randn(2, 3, 8, 8)).shape == (2, 10)
     code, out, err = run(str(EXAMPLES / "deep_resnet_no_norm.py"), "--fix", "--format", "json")

@@ -15,8 +15,9 @@ import healthcheck
 from tests.helpers import RESIDUAL_MLP
 from tests.test_cli import run
 
-#: 12 unnormalized residual joins: HC101 at error severity (error-joins defaults to 8), found by
-#: the structure pass alone, so these tests run with --no-probes
+#: 12 unnormalized residual joins: HC101, found by the structure pass alone, so these tests run with
+#: --no-probes; a structural prediction alone is a warning, so they gate at --fail-on warning (the
+#: measured error, and error-joins, need the probes: `measured_gate`)
 SICK = RESIDUAL_MLP + """
 
 model = Net()
@@ -39,7 +40,12 @@ def project(tmp_path: Path):
 
 
 def gate(model: Path, *flags: str) -> tuple[int, str, str]:
-    return run(str(model), "--no-probes", *flags)
+    return run(str(model), "--no-probes", "--fail-on", "warning", *flags)
+
+
+def measured_gate(model: Path, *flags: str) -> tuple[int, str, str]:
+    """With the probes, HC101 alone: the measured growth makes it an error (at error-joins)."""
+    return run(str(model), "--select", "HC101", *flags)
 
 
 def test_default_config_fails_on_the_error(project):
@@ -63,14 +69,15 @@ def test_select_runs_only_the_selected_rules(project):
 def test_flags_win_over_the_config(project):
     model = project('ignore = ["HC101"]')
     assert gate(model, "--ignore", "HC2")[0] == 1  # --ignore replaces the configured list
-    assert gate(project('fail-on = "never"'), "--fail-on", "error")[0] == 1
+    assert gate(project('fail-on = "never"'), "--fail-on", "warning")[0] == 1
 
 
 def test_per_rule_threshold_changes_the_severity(project):
-    code, out, _ = gate(project("[tool.healthcheck.rules.HC101]\nerror-joins = 20\n"))
+    assert measured_gate(project(""))[0] == 1
+    code, out, _ = measured_gate(project("[tool.healthcheck.rules.HC101]\nerror-joins = 20\n"))
     assert code == 0 and "warning" in out and "HC101" in out
-    assert gate(project("fail-on = \"warning\"\n[tool.healthcheck.rules.HC101]\nerror-joins = 20\n"))[0] == 1
-    assert gate(project("[tool.healthcheck.rules.HC101]\nwarn-joins = 13\nerror-joins = 20\n"))[0] == 0
+    assert measured_gate(project("fail-on = \"warning\"\n[tool.healthcheck.rules.HC101]\nerror-joins = 20\n"))[0] == 1
+    assert measured_gate(project("[tool.healthcheck.rules.HC101]\nwarn-joins = 13\nerror-joins = 20\n"))[0] == 0
 
 
 def test_per_model_settings_apply_to_matching_files_only(project):
@@ -100,7 +107,7 @@ def test_per_model_name_and_input_shape(project):
         [tool.healthcheck.models."models/sick.py:other"]
         input-shape = [4, 7]
     """)
-    assert run(f"{model}:model", "--no-probes")[0] == 1
+    assert run(f"{model}:model", "--no-probes", "--fail-on", "warning")[0] == 1
 
 
 @pytest.mark.parametrize("body, message", [
@@ -159,9 +166,9 @@ def test_baseline_passes_known_findings_and_fails_new_ones(project, tmp_path):
 def test_baseline_does_not_hide_a_worse_severity(project, tmp_path):
     model = project("[tool.healthcheck.rules.HC101]\nerror-joins = 20\n")
     baseline = tmp_path / "baseline.json"
-    assert gate(model, "--format", "json", "-o", str(baseline))[0] == 0  # HC101 is a warning here
+    assert measured_gate(model, "--format", "json", "-o", str(baseline))[0] == 0  # HC101 is a warning here
     model = project("")  # now it is an error again: worse than the baseline knew
-    assert gate(model, "--baseline", str(baseline))[0] == 1
+    assert measured_gate(model, "--baseline", str(baseline))[0] == 1
 
 
 @pytest.mark.parametrize("content, message", [

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from healthcheck.graph.architecture import analyze
 from healthcheck.graph.tracers import TRACE_METHODS
@@ -120,3 +121,126 @@ def test_depth_does_not_depend_on_the_tracer_for_multihead_attention():
 def test_scaled_sum_is_reported_on_the_sum():
     arch = analyze(zoo.ScaledResNet().eval(), (torch.randn(4, 16),), {})
     assert {(j.scale_on, round(j.scale, 6)) for j in arch.joins} == {("sum", round(1 / math.sqrt(2), 6))}
+
+
+def test_integer_position_path_is_no_branch():
+    torch.manual_seed(0)
+    ids = torch.randint(1, 50, (2, 10))
+    for method, arch in all_tracers(zoo.CountedPositions(), ids).items():
+        assert [j.module for j in arch.joins] == ["blocks.0", "blocks.0", "blocks.1", "blocks.1"], method
+
+
+def test_token_concat_is_no_join_but_channel_concat_is():
+    torch.manual_seed(0)
+    for method, arch in all_tracers(zoo.SummaryToken(), torch.randn(2, 6, 32)).items():
+        assert [j.kind for j in arch.joins] == ["add", "add"], method
+    for method, arch in all_tracers(nn.Sequential(zoo.DenseChannels(), zoo.DenseChannels(16)),
+                                    torch.randn(2, 8, 6, 6)).items():
+        assert [(j.kind, j.pre_activation) for j in arch.joins] == [("concat", True)] * 2, method
+
+
+@pytest.mark.parametrize("kind", ["norm_act_conv", "dw_pw", "conv_maxpool"])
+def test_shortcut_longer_than_one_layer_is_a_projection(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(zoo.LongShortcutBlock(8, 16, kind), zoo.LongShortcutBlock(16, 16, kind))
+    for method, arch in all_tracers(model, torch.randn(2, 8, 6, 6)).items():
+        assert [(j.module, j.skip) for j in arch.joins] == [("0", "projection"), ("1", "projection")], method
+
+
+def test_shared_pre_activation_feeds_the_projection():
+    torch.manual_seed(0)
+    model = nn.Sequential(zoo.PreActProjectionBlock(8, 16), zoo.PreActProjectionBlock(16, 16))
+    for method, arch in all_tracers(model, torch.randn(2, 8, 6, 6)).items():
+        assert [(j.skip, j.norm, j.pre_activation) for j in arch.joins] == [("projection", "branch", True)] * 2, method
+
+
+def test_layer_internal_sums_and_concats_are_not_joins():
+    """Res2Net's hierarchical sums, a Ghost module's concat and a GRN-like gate sit inside one block:
+    the block's own `x + out` is its only join, under every tracer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(zoo.SplitScalesBlock(), zoo.SplitScalesBlock())
+    src = source_line(zoo, "return x + out")
+    for method, arch in all_tracers(model, torch.randn(2, 16, 6, 6)).items():
+        assert [(j.module, j.kind, j.source) for j in arch.joins] == [("0", "add", src), ("1", "add", src)], method
+
+
+def test_cross_stage_concat_around_residual_blocks_is_a_join():
+    """CSPNet: half the channels skip a stage of residual blocks and are concatenated back."""
+
+    class CrossStage(nn.Module):
+        def __init__(self, c: int = 16) -> None:
+            super().__init__()
+            self.expand = nn.Conv2d(c, c, 1)
+            self.blocks = nn.Sequential(zoo.LongShortcutBlock(c // 2, c // 2, "dw_pw"))
+            self.out = nn.Conv2d(c, c, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            xs, xb = self.expand(x).split(8, dim=1)
+            return self.out(torch.cat([xs, self.blocks(xb)], dim=1))
+
+    torch.manual_seed(0)
+    for method, arch in all_tracers(CrossStage(), torch.randn(2, 16, 6, 6)).items():
+        assert [(j.module, j.kind) for j in arch.joins] == [("blocks.0", "add"), ("", "concat")], method
+
+
+def test_partial_residual_bounds_plain_depth():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[zoo.PartialResidual(8 + 4 * i, 12 + 4 * i) for i in range(8)])
+    for method, arch in all_tracers(model, torch.randn(2, 8, 6, 6)).items():
+        assert len(arch.joins) == 8, method
+        assert arch.plain_depth == 2, method  # one block's two convs: the side channels do not go around a join
+
+
+def test_norm_classes_are_recognised_by_name():
+    from healthcheck.graph.taxonomy import is_norm_module
+
+    class RmsNorm(zoo.ManualRmsNorm):  # timm's spelling
+        pass
+
+    class PreNorm(nn.Module):  # a wrapper holding a weight layer is no norm
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.fn = nn.LayerNorm(4), nn.Linear(4, 4)
+
+    class NormLinear(nn.Linear):  # a weight layer named after its weight normalization
+        pass
+
+    assert is_norm_module(RmsNorm(4)) and is_norm_module(zoo.ManualRmsNorm(4))
+    assert not is_norm_module(PreNorm()) and not is_norm_module(NormLinear(4, 4))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), RmsNorm(8), nn.Linear(8, 8))
+    for method, arch in all_tracers(model, torch.randn(2, 8)).items():
+        ops = [n for n in arch.graph.nodes if n.module == "1"]
+        assert ops and all(n.category.value == "norm" for n in ops), method
+        assert arch.norm_layers == {"RmsNorm": 1}, method
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_norm_written_out_in_ops_is_a_norm(norm):
+    torch.manual_seed(0)
+    model = nn.Sequential(zoo.InlineNormBlock(norm=norm), zoo.InlineNormBlock(norm=norm))
+    for method, arch in all_tracers(model, torch.randn(2, 5, 32)).items():
+        assert [(j.norm, j.pre_activation) for j in arch.joins] == [("branch", True)] * 2, method
+    model = nn.Sequential(zoo.ManualSoftmaxMixer(), zoo.ManualSoftmaxMixer())
+    for method, arch in all_tracers(model, torch.randn(2, 5, 32)).items():
+        assert [j.norm for j in arch.joins] == ["none", "none"], method
+
+
+def test_channel_concat_after_a_token_linear_is_a_join():
+    """A U-Net level whose branch ends in a linear layer over (B, HW, C) tokens, reshaped back to
+    (B, C, H, W): the concat along channels is still a join."""
+
+    class TokenMixLevel(nn.Module):
+        def __init__(self, c: int = 8) -> None:
+            super().__init__()
+            self.conv, self.norm, self.proj = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.Linear(c, c)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, c, h, w = x.shape
+            y = F.relu(self.norm(self.conv(x))).flatten(2).transpose(1, 2)
+            y = self.proj(y).transpose(1, 2).reshape(b, c, h, w)
+            return torch.cat([x, y], dim=1)
+
+    torch.manual_seed(0)
+    for method, arch in all_tracers(TokenMixLevel(), torch.randn(2, 8, 4, 4)).items():
+        assert [j.kind for j in arch.joins] == ["concat"], method

@@ -44,7 +44,8 @@ def test_healthy_passes_and_sick_fails_with_findings_and_fixes(pytester):
 
 
 def test_project_config_is_read_from_the_rootdir(pytester):
-    pytester.makepyprojecttoml('[tool.healthcheck]\nignore = ["HC101"]\n')
+    # the sick model's errors are HC101 and the measured HC201: ignoring both lets it pass
+    pytester.makepyprojecttoml('[tool.healthcheck]\nignore = ["HC101", "HC2"]\n')
     pytester.makepyfile(test_models=TESTS)
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
 
@@ -52,12 +53,12 @@ def test_project_config_is_read_from_the_rootdir(pytester):
 def test_fail_on_and_options_override(pytester):
     pytester.makepyfile(test_models=MODELS + textwrap.dedent('''
 
-        def test_warning_fails_at_warning(assert_healthy):
-            assert_healthy(net(3), torch.randn(16, 32), fail_on="warning")
+        def test_warning_fails_at_warning(assert_healthy):  # structure alone: HC101 is a warning
+            assert_healthy(net(3), torch.randn(16, 32), fail_on="warning", probes=False)
 
 
         def test_select_limits_the_rules(assert_healthy):
-            assert_healthy(net(12), torch.randn(16, 32), select=["HC2"])
+            assert_healthy(net(12), torch.randn(16, 32), select=["HC102"])
     '''))
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)

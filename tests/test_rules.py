@@ -37,8 +37,9 @@ def deep_no_norm():
 def test_hc101_unnormalized_joins(deep_no_norm):
     report = check_structure(*deep_no_norm)
     [finding] = [f for f in report.findings if f.code == "HC101"]
-    assert finding.severity == "error"
+    assert finding.severity == "warning"  # a structural prediction alone is at most a warning
     assert finding.evidence["joins_in_model"] == 16 and finding.evidence["predicted_variance_growth"] == 2.0**16
+    assert finding.evidence["joins_in_series"] == 16 and finding.evidence["measured"] is False
     assert finding.location.source.endswith("deep_resnet_no_norm.py:21")
     assert finding.fix.transform == "scale_joins"
     # 1/sqrt(2) scaling, BN in the branch: no HC101
@@ -47,7 +48,17 @@ def test_hc101_unnormalized_joins(deep_no_norm):
                                                   torch.randn(2, 3, 16, 16)))
 
 
-def test_hc101_thresholds_from_config(deep_no_norm):
+def test_hc101_measured_severity_and_thresholds_from_config(deep_no_norm):
+    # with the probes (on the example's own batch: 8 images of 32×32), the measured doubling confirms
+    # the prediction: an error
+    measured = (deep_no_norm[0], torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    [finding] = [f for f in healthcheck.check(*measured).findings if f.code == "HC101"]
+    assert finding.severity == "error" and finding.evidence["measured_exponential"] is True
+    assert finding.evidence["measured_ratio_per_block"] > 1.5
+    assert finding.evidence["predicted_ratio_per_block"] == pytest.approx(finding.evidence["measured_ratio_per_block"],
+                                                                          rel=0.3)
+    assert codes(healthcheck.check(*measured, rule_options={"HC101": {"error_joins": 32}}, select=["HC101"]),
+                 "warning") == ["HC101"]
     assert codes(check_structure(*deep_no_norm, rule_options={"HC101": {"error_joins": 32}}), "error") == []
     assert codes(check_structure(*deep_no_norm, rule_options={"HC101": {"error_joins": 32}}), "warning") == ["HC101"]
     assert codes(check_structure(*deep_no_norm, rule_options={"HC101": {"warn_joins": 20, "error_joins": 32}})) == []
@@ -73,7 +84,9 @@ def test_hc103_post_ln_at_depth():
     assert len(report.findings) == 2  # one per line of code: the attention add and the MLP add
     assert codes(check_structure(zoo.Transformer(zoo.PostLNBlock, layers=4), tokens)) == []  # 8 joins < 12
     assert codes(check_structure(zoo.Transformer(zoo.PreLNBlock, layers=6), tokens)) == []
-    assert set(codes(check_structure(deep, tokens, rule_options={"HC103": {"error_joins": 12}}), "error")) == {"HC103"}
+    # at or above error_joins, the structure alone still says warning: an error needs measured gradients
+    assert set(codes(check_structure(deep, tokens, rule_options={"HC103": {"error_joins": 12}}), "warning")) == {"HC103"}
+    assert codes(check_structure(deep, tokens, rule_options={"HC103": {"error_joins": 12}}), "error") == []
 
 
 def test_hc104_deep_plain_stack():
@@ -83,7 +96,10 @@ def test_hc104_deep_plain_stack():
     assert finding.evidence["plain_depth"] == 24 and finding.evidence["normalized"] is True
     assert finding.evidence["predicted_gradient_growth"] == pytest.approx((torch.pi / (torch.pi - 1)) ** 12)
     [finding] = check_structure(zoo.PlainStack(depth=60, norm=False), x).findings
-    assert finding.severity == "error" and finding.evidence["normalized"] is False
+    assert finding.severity == "warning" and finding.evidence["normalized"] is False  # predicted only
+    # measured: the signal collapses to a few directions, which confirms the prediction
+    [finding] = [f for f in healthcheck.check(zoo.PlainStack(depth=60, norm=False), x).findings if f.code == "HC104"]
+    assert finding.severity == "error" and finding.evidence["measured_min_directions"] <= 2
     assert check_structure(zoo.PlainStack(depth=12), x).findings == []
 
 

@@ -66,7 +66,6 @@ SICK = {
     "residual, no norm": (deep_no_norm, {"HC101", "HC201"}),
     "plain BN stack": (lambda: (zoo.PlainStack(48, 256, True), torch.randn(128, 256)), {"HC204"}),
     "plain stack, no BN": (lambda: (zoo.PlainStack(48, 256, False), torch.randn(128, 256)), {"HC203"}),
-    "deep Post-LN transformer": (lambda: (zoo.Transformer(zoo.PostLNBlock, layers=24), tokens()), {"HC103"}),
     "attention-only, no skips": (lambda: (AttentionOnly(12), tokens()), {"HC203"}),
 }
 
@@ -80,6 +79,18 @@ def test_each_pathology_is_an_error(name):
     errors = {f.code for f in report.findings if f.severity == "error"}
     assert expected <= errors, (errors, [(f.code, f.message) for f in report.findings])
     assert report.fails("error")
+
+
+def test_deep_post_ln_without_measured_imbalance_is_a_warning():
+    """48 Post-LN joins: the structure predicts large last-layer gradients, but the measured gradients are
+    flat at init, and the stack trains with Adam (benchmarks/rule_judgements.md: 0.95 test accuracy on
+    digits, like Pre-LN's 0.94) though not with SGD at lr 0.05. A warning (warm-up), not an error."""
+    torch.manual_seed(0)
+    report = healthcheck.check(zoo.Transformer(zoo.PostLNBlock, layers=24), tokens())
+    hc103 = [f for f in report.findings if f.code == "HC103"]
+    assert hc103 and {f.severity for f in hc103} == {"warning"}
+    assert all(f.evidence["measured_gradient_ratio"] < 3 for f in hc103)
+    assert not report.fails("error")
 
 
 @pytest.mark.parametrize("classes", [2, 4, 10])

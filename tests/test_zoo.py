@@ -331,3 +331,137 @@ def test_plain_depth():
     assert arch.joins == () and arch.plain_depth == 24
     arch, _ = _analyze(CASES["resnet18"])
     assert arch.plain_depth <= 4  # stem conv + two branch convs + fc at most between joins
+
+
+# timm models, built small (fewer blocks, small images) from their own classes: every expected number
+# below is read from the model's source (comments say where), not from what the tool printed.
+timm = pytest.importorskip("timm")
+
+
+def _timm(name: str, size: int | tuple[int, int] = 32, **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    h, w = (size, size) if isinstance(size, int) else size
+    return model, analyze(model, (torch.randn(1, 3, h, w),), {})
+
+
+def _timm_source(module: str, text: str, nth: int = 0) -> str:
+    return source_line(getattr(__import__("timm.models", fromlist=[module]), module), text, nth)
+
+
+def test_timm_resnetv2_projection_blocks_are_pre_activation():
+    # PreActBottleneck: x_preact = norm1(x); shortcut = downsample(x_preact); conv1(x_preact); return x + shortcut
+    _, arch = _timm("resnetv2_50", layers=(1, 1, 1, 1))
+    src = _timm_source("resnetv2", "return x + shortcut", 1)
+    assert [(j.module, j.skip, j.norm, j.pre_activation, j.source) for j in arch.joins] == \
+        [(f"stages.{s}.blocks.0", "projection", "branch", True, src) for s in range(4)]
+
+
+def test_timm_res2net_inner_sums_and_concat_are_not_joins():
+    # Bottle2neck: `sp = sp + spx[i]` and `torch.cat(spo, 1)` are inside one layer; `out += shortcut` is the join
+    _, arch = _timm("res2net50_26w_4s", layers=(2, 1, 1, 1))
+    src = _timm_source("res2net", "out += shortcut")
+    assert [(j.module, j.skip, j.source) for j in arch.joins] == [
+        ("layer1.0", "projection", src), ("layer1.1", "identity", src), ("layer2.0", "projection", src),
+        ("layer3.0", "projection", src), ("layer4.0", "projection", src)]
+    assert arch.plain_depth <= 5  # stem conv + conv1, convs[i], conv3 (+ fc): no inner "join" cuts it
+
+
+def test_timm_dpn_shortcut_through_norm_act_conv():
+    # DualPathBlock: x_s = c1x1_w(x) (BN -> ReLU -> 1x1 conv) on 'proj'/'down' blocks; then
+    # torch.cat([x_s1 + out1, x_s2, out2]): a residual add on every block, a dense concat where x_s2 is x's slice
+    _, arch = _timm("dpn48b", k_sec=(1, 2, 1, 1))
+    src = _timm_source("dpn", "return torch.cat([x_s1 + out1, x_s2, out2], dim=1)")
+    got = [(j.id, j.kind, j.skip, j.pre_activation) for j in arch.joins]
+    assert got == [("features.conv2_1", "add", "projection", True), ("features.conv3_1", "add", "projection", True),
+                   ("features.conv3_2#0", "add", "identity", True), ("features.conv3_2#1", "concat", "identity", True),
+                   ("features.conv4_1", "add", "projection", True), ("features.conv5_1", "add", "projection", True)]
+    assert {j.source for j in arch.joins} == {src}
+
+
+def test_timm_ghostnet_two_layer_shortcut_and_ghost_module_concat():
+    # GhostBottleneck: x += self.shortcut(shortcut), shortcut = dw conv -> BN -> 1x1 conv -> BN unless in == out;
+    # GhostModule's cat([x1, cheap(x1)]) is one layer
+    model, arch = _timm("ghostnet_050")
+    blocks = {name: m for name, m in model.named_modules() if type(m).__name__ == "GhostBottleneck"}
+    assert [j.module for j in arch.joins] == list(blocks)
+    assert [j.skip for j in arch.joins] == ["projection" if len(b.shortcut) else "identity" for b in blocks.values()]
+    assert {j.kind for j in arch.joins} == {"add"}
+
+
+def test_timm_rexnet_partial_residual_bounds_plain_depth():
+    # LinearBottleneck: torch.cat([x[:, 0:in_channels] + shortcut, x[:, in_channels:]], dim=1)
+    model, arch = _timm("rexnet_100")
+    blocks = [name for name, m in model.named_modules() if getattr(m, "use_shortcut", False)]
+    assert [j.module for j in arch.joins] == blocks
+    # the longest run: stem + the first (non-residual) blocks + head, never through the bypassed channels
+    assert arch.plain_depth <= 10
+
+
+@pytest.mark.parametrize("name, kwargs, size, expected", [
+    # ClassAttn block: x_cls + attn(norm1(cat(x_cls, x))); x_cls + mlp(norm2(x_cls)); the first block's x_cls is
+    # the cls_token parameter (no data skip); Cait.forward_cls: cat((cls_tokens, x), dim=1) is a token concat
+    ("cait_xxs24_224", dict(img_size=32, depth=2, depth_token_only=2), 32, 2 * 2 + 2 * 2 - 1),
+    # XCABlock: 3 joins; ClassAttentionBlock: 2 joins, its cat([...], dim=1)s are along tokens
+    ("xcit_nano_12_p16_224", dict(img_size=32, depth=2), 32, 2 * 3 + 2 * 2),
+    # MultiScaleBlock (depth [1, 1, 0]): 2 blocks x 2 joins + 2 CrossAttentionBlocks (x[:, 0:1] + attn(norm1(x)));
+    # the class-token swaps are token concats
+    ("crossvit_tiny_240", dict(depth=([1, 1, 0],)), 240, 2 * 2 + 2),
+])
+def test_timm_token_concats_are_not_joins(name, kwargs, size, expected):
+    _, arch = _timm(name, size, **kwargs)
+    assert len(arch.joins) == expected and {j.kind for j in arch.joins} == {"add"}
+
+
+def test_timm_volo_class_token_concat_is_not_a_join():
+    from timm.models.volo import VOLO
+
+    # 4 blocks x 2 joins + 2 ClassAttn post layers x 2 (cls_embed = x[:, :1] + attn(norm1(x)); ...;
+    # torch.cat([cls_embed, x[:, 1:]], dim=1) along tokens)
+    model = VOLO(layers=(1, 1, 1, 1), img_size=32, embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2),
+                 post_layers=("ca", "ca")).eval()
+    arch = analyze(model, (torch.randn(1, 3, 32, 32),), {})
+    assert len(arch.joins) == 12 and {j.kind for j in arch.joins} == {"add"}
+    assert [j.id for j in arch.joins][-4:] == ["post_network.0#0", "post_network.0#1", "post_network.1#0",
+                                               "post_network.1#1"]
+
+
+def test_timm_convnextv2_global_response_norm_is_no_join():
+    # GlobalResponseNorm: x + addcmul(bias, weight, x * Nx) is one norm layer; Block: drop_path(x) + shortcut
+    _, arch = _timm("convnextv2_atto", depths=(1, 1, 1, 1))
+    assert [j.module for j in arch.joins] == [f"stages.{s}.blocks.0" for s in range(4)]
+    assert arch.norm_layers.get("GlobalResponseNorm") == 4
+
+
+def test_timm_hiera_max_pooled_projection_shortcut():
+    # HieraBlock (do_expand): x = proj(norm1(x)).view(...).amax(dim=1); x = x + attn(x_norm); x + mlp(norm2(x))
+    _, arch = _timm("hiera_tiny_224", (64, 64), img_size=(64, 64), stages=(1, 1, 1, 1))
+    assert len(arch.joins) == 8
+    projected = [(j.module, j.norm, j.pre_activation) for j in arch.joins if j.skip == "projection"]
+    assert projected == [(f"blocks.{b}", "branch", True) for b in (1, 2, 3)]
+
+
+def test_roberta_position_ids_are_no_branch():
+    # RobertaEmbeddings: position ids = cumsum(input_ids != pad) (integer ops): the embedding sum is no join
+    cfg = transformers.RobertaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=100, max_position_embeddings=40, pad_token_id=1)
+    torch.manual_seed(0)
+    arch = analyze(transformers.RobertaModel(cfg).eval(), (torch.randint(3, 100, (2, 12)),), {})
+    assert [j.module for j in arch.joins] == [f"encoder.layer.{i}.{m}" for i in range(2)
+                                              for m in ("attention.output", "output")]
+
+
+@pytest.mark.parametrize("methods", [("fx",), ("hooks",)])
+def test_in_place_join_reads_the_shortcut_as_skip(methods):
+    """torchvision's `out += identity`: the skip is the shortcut (the block input or its downsample),
+    the branch the sum's in-place operand."""
+    arch, _ = _analyze(CASES["resnet18"], methods)
+    graph = arch.graph
+    for j in arch.joins:
+        skip = graph.nodes[j.skip_operand]
+        (branch,) = [graph.nodes[i] for i in j.branch_operands]
+        assert branch.module == f"{j.module}.bn2", j.id
+        if j.skip == "identity":
+            assert j.skip_operand == j.fork, j.id
+        else:
+            assert skip.module == f"{j.module}.downsample.1", j.id

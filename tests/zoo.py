@@ -238,3 +238,180 @@ class HelperJoinBlock(PreLNBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = dropout_add(self.attn(self.ln1(x)), x)
         return dropout_add(self.mlp(self.ln2(x)), x)
+
+
+class CountedPositions(nn.Module):
+    """RoBERTa-style embeddings: position ids counted from the token ids by integer ops, then two
+    Pre-LN blocks. The embedding sum is no join: an integer path carries no signal."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, pad: int = 0) -> None:
+        super().__init__()
+        self.pad = pad
+        self.tok, self.pos, self.segment = nn.Embedding(vocab, dim), nn.Embedding(64, dim), nn.Embedding(2, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.Sequential(PreLNBlock(dim, 4), PreLNBlock(dim, 4))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = ids.ne(self.pad).int()
+        positions = torch.cumsum(mask, dim=1) * mask + self.pad
+        positions = positions.long()
+        return self.blocks(self.norm(self.tok(ids) + self.segment(positions % 2) + self.pos(positions)))
+
+
+class SummaryToken(nn.Module):
+    """A summary token computed from the tokens and put in front of them: a concat along tokens, no join."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.block = PreLNBlock(dim, 4)
+        self.summary = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(x)
+        return torch.cat([self.summary(x.mean(dim=1, keepdim=True)), x], dim=1)
+
+
+class DenseChannels(nn.Module):
+    """DenseNet-style: new channels concatenated onto the input along the channel axis: a join."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.ReLU(),
+                                   nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.layer(x)], dim=1)
+
+
+class LongShortcutBlock(nn.Module):
+    """Shortcuts that are more than one 1x1 conv: BN -> ReLU -> 1x1 conv (DPN), depthwise + pointwise
+    conv with BN (GhostNet), or a 1x1 conv then max-pool (Hiera)."""
+
+    def __init__(self, c_in: int = 8, c_out: int = 16, kind: str = "norm_act_conv") -> None:
+        super().__init__()
+        self.shortcut = {
+            "norm_act_conv": lambda: nn.Sequential(nn.BatchNorm2d(c_in), nn.ReLU(), nn.Conv2d(c_in, c_out, 1)),
+            "dw_pw": lambda: nn.Sequential(nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in), nn.BatchNorm2d(c_in),
+                                           nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out)),
+            "conv_maxpool": lambda: nn.Sequential(nn.Conv2d(c_in, c_out, 1), nn.MaxPool2d(1)),
+        }[kind]()
+        self.branch = nn.Sequential(nn.BatchNorm2d(c_in), nn.ReLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
+                                    nn.BatchNorm2d(c_out), nn.ReLU(), nn.Conv2d(c_out, c_out, 3, padding=1),
+                                    nn.BatchNorm2d(c_out), nn.ReLU(), nn.Conv2d(c_out, c_out, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(x) + self.shortcut(x)
+
+
+class PreActProjectionBlock(nn.Module):
+    """ResNetV2: the shared pre-activation norm -> act feeds both the branch and the projection."""
+
+    def __init__(self, c_in: int = 8, c_out: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.Sequential(nn.BatchNorm2d(c_in), nn.ReLU())
+        self.downsample = nn.Conv2d(c_in, c_out, 1)
+        self.conv1, self.norm2, self.conv2 = nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), \
+            nn.Conv2d(c_out, c_out, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_preact = self.norm(x)
+        return self.conv2(F.relu(self.norm2(self.conv1(x_preact)))) + self.downsample(x_preact)
+
+
+class ResponseGate(nn.Module):
+    """A GRN-like layer not named a norm: x + gamma * (x * n(x)) + beta, elementwise parameters only."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gamma, self.beta = nn.Parameter(torch.zeros(1, c, 1, 1)), nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = x.norm(p=2, dim=(2, 3), keepdim=True)
+        return x + torch.addcmul(self.beta, self.gamma, x * (g / (g.mean(dim=1, keepdim=True) + 1e-6)))
+
+
+class SplitScalesBlock(nn.Module):
+    """One residual block with layer-internal sums and concats: Res2Net's hierarchical split
+    (`sp = sp + spx[i]`, cat of the scales), a Ghost module's cat([x1, cheap(x1)]), a GRN-like gate."""
+
+    def __init__(self, c: int = 16, scales: int = 4) -> None:
+        super().__init__()
+        w = c // scales
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.convs = nn.ModuleList(nn.Conv2d(w, w, 3, padding=1) for _ in range(scales - 1))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(w) for _ in range(scales - 1))
+        self.primary = nn.Sequential(nn.Conv2d(c, c // 2, 1), nn.BatchNorm2d(c // 2), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(c // 2, c // 2, 3, padding=1, groups=c // 2), nn.BatchNorm2d(c // 2),
+                                   nn.ReLU())
+        self.gate = ResponseGate(c)
+        self.width = w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        spx = torch.split(out, self.width, 1)
+        spo, sp = [], spx[0]
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            sp = spx[i] if i == 0 else sp + spx[i]
+            sp = F.relu(bn(conv(sp)))
+            spo.append(sp)
+        out = torch.cat([*spo, spx[-1]], 1)
+        x1 = self.primary(out)
+        out = self.gate(torch.cat([x1, self.cheap(x1)], dim=1))
+        return x + out
+
+
+class PartialResidual(nn.Module):
+    """ReXNet: the residual is added to the first channels only; the others go on beside it."""
+
+    def __init__(self, c_in: int = 8, c_out: int = 12) -> None:
+        super().__init__()
+        self.c_in = c_in
+        self.branch = nn.Sequential(nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.ReLU(),
+                                    nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.branch(x)
+        return torch.cat([y[:, : self.c_in] + x, y[:, self.c_in:]], dim=1)
+
+
+class ManualRmsNorm(nn.Module):
+    """An RMS norm written out in ops (as many repositories do), under a name of its own."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def layer_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + eps)
+
+
+class InlineNormBlock(nn.Module):
+    """Pre-norm residual MLP whose norms are plain functions, not modules (minimal GPT code)."""
+
+    def __init__(self, dim: int = 32, norm: str = "rms") -> None:
+        super().__init__()
+        self.norm = rms_norm if norm == "rms" else layer_norm
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class ManualSoftmaxMixer(nn.Module):
+    """Token mixing with a softmax written out: exp(s) / exp(s).sum() is no norm."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.score, self.proj = nn.Linear(dim, 1), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.score(x).exp()
+        return x + self.proj(e / e.sum(dim=1, keepdim=True) * x)

@@ -14,7 +14,7 @@ from torch import nn
 from healthcheck.api import check
 from healthcheck.fixes.transforms import TRANSFORMS, add_skips, targets
 from healthcheck.graph.architecture import analyze
-from healthcheck.guard import preserved
+from healthcheck.guard import copy_inputs, preserved
 from healthcheck.loading import as_call_args
 from healthcheck.records import SEVERITIES, Finding, Fix, Report
 from healthcheck.rules.measured import geometric_mean
@@ -69,7 +69,7 @@ def fix(model: nn.Module, example_inputs: Any, **options: Any) -> tuple[Report, 
     args, kwargs = as_call_args(example_inputs)
     with preserved(model):
         model.eval()
-        architecture = analyze(model, args, kwargs, ("hooks",))  # node order as the rewriter sees it
+        architecture = analyze(model, *copy_inputs((args, kwargs)), ("hooks",))  # node order as the rewriter sees it
     all_targets = targets(architecture.graph, list(architecture.joins))
     before_numbers = profile_numbers(before)
     results: list[FixResult] = []
@@ -90,7 +90,7 @@ def fix(model: nn.Module, example_inputs: Any, **options: Any) -> tuple[Report, 
     plain = [f for f in before.findings if f.code in ("HC104", "HC203", "HC204", "HC303") and not architecture.joins]
     if plain:  # a plain stack: the fix is to add skips (science.md, Fixes)
         with preserved(model):
-            fixed, added = add_skips(model, args, kwargs)
+            fixed, added = add_skips(model, *copy_inputs((args, kwargs)))
         if added:
             after = check(fixed, example_inputs, **options)
             verified = all(_improved(f.code, f.severity, after) for f in plain)

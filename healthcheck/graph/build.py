@@ -108,7 +108,8 @@ def graph_from_fx(
         if node.op == "placeholder":
             if node in input_nodes and _holds_tensor(value_of(node)):
                 data_index[node] = len(nodes)
-                nodes.append(OpNode(len(nodes), Category.INPUT, node.name, shape=_shape(value_of(node))))
+                nodes.append(OpNode(len(nodes), Category.INPUT, node.name, shape=_shape(value_of(node)),
+                                    **taxonomy.value_facts("input", (), {}, value_of(node))))
             continue
         if node.op == "output":
             outputs = [data_index[a] for a in _flat_nodes(node.args) if a in data_index]
@@ -150,6 +151,7 @@ def graph_from_fx(
             param_operand=param_operand,
             nonnegative=nonnegative,
             shape=_shape(value_of(node)),
+            **taxonomy.value_facts(name, node.args, node.kwargs, value_of(node)),
         )
         data_index[node] = op.index
         nodes.append(op)

@@ -50,6 +50,10 @@ class OpNode:
     param_operand: bool = False  # mul/div by a parameter tensor (LayerScale, ReZero)
     nonnegative: bool = False  # an activation whose output is never negative (ReLU, sigmoid)
     shape: tuple[int, ...] | None = None
+    # False for integer/bool results (ids, masks, indices): such a path carries no signal, so it is
+    # never a residual branch or skip (RoBERTa's position ids are computed from input_ids)
+    floating: bool = True
+    axis: int | None = None  # the (non-negative) axis a concat joins along
 
 
 @dataclass
@@ -63,6 +67,7 @@ class OpGraph:
         for node in self.nodes:
             for i in node.inputs:
                 self.consumers[i].append(node.index)
+        _mark_inline_norms(self.nodes)
 
     def ancestors(self) -> list[int]:
         """Ancestor sets as bitsets (Python ints): bit j of result[i] is set when j feeds i."""
@@ -73,3 +78,44 @@ class OpGraph:
                 bits |= result[i] | (1 << i)
             result[node.index] = bits
         return result
+
+
+#: Reductions whose result normalizes a tensor: x * rsqrt(mean(x^2) + eps), (x - mean) / std.
+_NORM_STATISTICS = frozenset({"mean", "var", "std", "norm", "linalg_vector_norm", "var_mean", "std_mean"})
+#: Ops that may sit between a reduction and the division/multiplication that applies it.
+_STATISTIC_CHAIN = _NORM_STATISTICS | {"pow", "square", "rsqrt", "sqrt", "reciprocal", "add", "sub", "clamp", "clamp_min",
+                                       "abs", "to", "_to_copy", "float", "type_as", "getitem", "detach"}
+
+
+_MUL = frozenset({"mul", "imul", "rmul"})
+_MUL_DIV = _MUL | {"div", "truediv", "itruediv"}
+
+
+def _statistic_chain(nodes: list[OpNode], start: int, target: int) -> list[int] | None:
+    """The ops from `start` back to a reduction of `target` (or of the tensor `target` centres),
+    when `start` is such a statistic: single-input ops only, a reduction among them."""
+    chain, current = [], nodes[start]
+    sources = {target, *nodes[target].inputs} if nodes[target].op == "sub" else {target}
+    while current.op in _STATISTIC_CHAIN and len(current.inputs) == 1 and current.category is not Category.NORM:
+        chain.append(current.index)
+        if current.inputs[0] in sources:
+            return chain if any(nodes[i].op in _NORM_STATISTICS for i in chain) else None
+        current = nodes[current.inputs[0]]
+    return None
+
+
+def _mark_inline_norms(nodes: list[OpNode]) -> None:
+    """A normalization written out in ops, outside any norm module (`x * torch.rsqrt(x.pow(2).mean(-1)
+    + eps)` in a helper function): the statistic and the op that applies it are a norm, as the same
+    ops inside an RMSNorm module are. Softmax's exp(x) / sum(exp(x)) is not one (a sum, no mean)."""
+    for node in nodes:
+        if node.op not in _MUL_DIV or len(node.inputs) != 2 or node.category is Category.NORM:
+            continue
+        a, b = node.inputs
+        chain = _statistic_chain(nodes, b, a) or (_statistic_chain(nodes, a, b) if node.op in _MUL else None)
+        if chain:
+            centred = nodes[a] if nodes[a].op == "sub" else None  # (x - mean(x)) / std(x): the centring too
+            if centred is not None:
+                chain += [centred.index, *(i for i in centred.inputs if nodes[i].op in _NORM_STATISTICS)]
+            for i in (*chain, node.index):
+                nodes[i].category = Category.NORM

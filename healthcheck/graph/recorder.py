@@ -24,12 +24,35 @@ from healthcheck.tensors import tensors_of
 
 _DROPOUT_OPS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
                 "dropout3d"}
+# Random ops (names as `taxonomy.normalize_op_name` gives them) and what the probes see instead.
+# A probe compares passes (and rows of one pass) with each other, so every random draw must be the
+# same in all of them, and should be the draw that leaves the signal as it is:
+# - uniform draws (`torch.rand`, `uniform_`) become the middle of their range (0.5). Stochastic
+#   depth, LayerDrop and hand-written dropout decide with `u < p_drop` / `u >= p_drop` (drop) or
+#   `u < p_keep` (keep); with p_drop < ½ < p_keep, as these regularizers are configured, the middle
+#   value keeps every unit and layer, like `floor(p_keep + u)` does;
+# - Bernoulli draws (`bernoulli_(p_keep)`: timm's drop_path, dropout masks) become their mean p:
+#   `x / p_keep * mask` is then exactly x, the function eval mode computes (a mask of ones would
+#   scale the branch by 1/p_keep); a mask used as a boolean keeps everything;
+# - normal draws (noise injection, reparameterization) and the rest (randint, randperm,
+#   multinomial, ...) are drawn from a private RNG seeded by the call's position in the forward:
+#   the same values in every pass, and, for a line of inputs, the same values in every row.
+# The global RNG (CPU and CUDA) is forked around each draw, so the caller's stream is untouched.
+_UNIFORM_OPS = {"rand", "rand_like", "uniform"}
+_BERNOULLI_OPS = {"bernoulli"}
+_SEEDED_RANDOM_OPS = {"randn", "randn_like", "normal", "randint", "randint_like", "randperm", "multinomial",
+                      "poisson", "binomial", "exponential", "geometric", "cauchy", "log_normal", "random",
+                      "standard_gamma", "dirichlet"}
+_RANDOM_OPS = _UNIFORM_OPS | _BERNOULLI_OPS | _SEEDED_RANDOM_OPS
 
 
 class Observer(Protocol):
     def on_node(self, node: OpNode, result: Any, operands: list[tuple[int, torch.Tensor]]) -> Any:
         """Called after each recorded op with its (node index, tensor) data operands; return a
-        replacement output, or None to keep it."""
+        replacement output, or None to keep it. An observer may also define
+        `before_inplace(operands)`: called before an in-place op (`x += y`, `add_`) overwrites its
+        first operand, with the same (node index, tensor) pairs, to read them while they still hold
+        their values."""
 
 
 @dataclass
@@ -40,8 +63,12 @@ class Recording:
 
 class _OpRecorder(TorchFunctionMode):
     def __init__(self, model: nn.Module, observer: Observer | None = None, skip_dropout: bool = False,
-                 replacements: dict[str, Any] | None = None) -> None:
+                 replacements: dict[str, Any] | None = None, random_seed: int = 0,
+                 shared_rows: int | None = None) -> None:
         super().__init__()
+        # skip_dropout: the probes' deterministic mode, every stochastic op neutral (see _RANDOM_OPS)
+        self.neutral = _NeutralDraws(random_seed, shared_rows)
+        self.before_inplace = getattr(observer, "before_inplace", None)
         self.nodes: list[OpNode] = []
         # id(tensor) -> (weak reference, node index). Weak, so that recording keeps no activation
         # alive; the reference tells a live tensor from a new one that reuses a dead one's id.
@@ -54,7 +81,8 @@ class _OpRecorder(TorchFunctionMode):
         self.replacements = replacements or {}
 
     def add_input(self, tensor: torch.Tensor) -> None:
-        self._bind(tensor, OpNode(len(self.nodes), Category.INPUT, "input", shape=tuple(tensor.shape)))
+        self._bind(tensor, OpNode(len(self.nodes), Category.INPUT, "input", shape=tuple(tensor.shape),
+                                  floating=tensor.is_floating_point() or tensor.is_complex()))
 
     def _bind(self, value: Any, node: OpNode) -> None:
         if node.index == len(self.nodes):
@@ -78,8 +106,14 @@ class _OpRecorder(TorchFunctionMode):
         name = taxonomy.normalize_op_name(getattr(func, "__name__", str(func)))
         operands = _flatten((args, kwargs))
         data_operands = [a for a in operands if isinstance(a, torch.Tensor) and self.node_of(a) is not None]
-        if self.skip_dropout and name in _DROPOUT_OPS and data_operands:
-            result = args[0]
+        if self.skip_dropout and name == "scaled_dot_product_attention":
+            args, kwargs = _without_attention_dropout(args, kwargs)
+        if self.before_inplace is not None and len(data_operands) >= 2 and _is_inplace(func, kwargs):
+            self.before_inplace([(self.node_of(a), a) for a in data_operands])
+        if self.skip_dropout and name in _DROPOUT_OPS and (args or "input" in kwargs):
+            result = args[0] if args else kwargs["input"]
+        elif self.skip_dropout and name in _RANDOM_OPS:
+            result = self.neutral.draw(func, name, args, kwargs)
         elif name in self.replacements and data_operands:
             result = self.replacements[name](*args, **kwargs)
         else:
@@ -101,6 +135,7 @@ class _OpRecorder(TorchFunctionMode):
             source=_user_source() if category in (Category.ADD, Category.CONCAT) else None,
             has_param=touches_param, scalar=scalar, param_operand=param_operand,
             nonnegative=taxonomy.is_nonnegative_op(name), shape=tuple(out_tensors[0].shape),
+            **taxonomy.value_facts(name, args, kwargs, out_tensors[0]),
         )
         if self.observer is not None:
             replaced = self.observer.on_node(node, result, [(self.node_of(a), a) for a in data_operands])
@@ -108,6 +143,78 @@ class _OpRecorder(TorchFunctionMode):
                 result = replaced
         self._bind(result, node)
         return result
+
+
+class _NeutralDraws:
+    """Random ops drawn so that every pass and every row sees the same values (see _RANDOM_OPS);
+    in-place draws (`uniform_`, `bernoulli_`) still fill their tensor. A draw's seed is its position
+    among the forward's random calls, so the same forward gives the same draws."""
+
+    def __init__(self, seed: int, shared_rows: int | None) -> None:
+        self.seed = seed
+        self.calls = 0
+        self.shared_rows = shared_rows  # a seeded draw with this many rows repeats its first row
+
+    def draw(self, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
+        self.calls += 1
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * 100_003 + self.calls)
+            result = func(*args, **kwargs)
+        if not isinstance(result, torch.Tensor) or isinstance(result, nn.Parameter):
+            return result  # a parameter initialized in forward (LazyLinear): seeded, but a real init
+        with torch.no_grad():
+            if name in _UNIFORM_OPS:
+                low, high = _uniform_range(name, args, kwargs)
+                result.fill_((low + high) / 2 if result.is_floating_point() else 0)
+            elif name in _BERNOULLI_OPS:
+                mean = _bernoulli_mean(func, args, kwargs)
+                if isinstance(mean, torch.Tensor):
+                    result.copy_(mean.expand_as(result))
+                else:
+                    result.fill_(mean)
+            elif self.shared_rows is not None and result.dim() >= 1 and result.shape[0] == self.shared_rows:
+                result.copy_(result[:1].clone().expand_as(result))
+        return result
+
+
+def _bernoulli_mean(func: Any, args: tuple, kwargs: dict) -> float | torch.Tensor:
+    """p of a Bernoulli draw: `x.bernoulli_(p)` and `torch.bernoulli(x, p)` give it, else the
+    probabilities are the input's values (`torch.bernoulli(probs)`); 0.5 is bernoulli_'s default."""
+    inplace = getattr(func, "__name__", "").endswith("_")
+    p = kwargs.get("p", args[1] if len(args) > 1 else None)
+    if p is None:
+        return 0.5 if inplace else args[0].detach()
+    return p.detach() if isinstance(p, torch.Tensor) else float(p)
+
+
+def _uniform_range(name: str, args: tuple, kwargs: dict) -> tuple[float, float]:
+    """(low, high) of a uniform draw: `uniform_(from, to)` gives them, rand draws from [0, 1)."""
+    if name != "uniform":
+        return 0.0, 1.0
+    low = kwargs.get("from", args[1] if len(args) > 1 else 0.0)
+    high = kwargs.get("to", args[2] if len(args) > 2 else 1.0)
+    return float(low), float(high)
+
+
+def _without_attention_dropout(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """scaled_dot_product_attention's arguments with dropout_p = 0 (Hugging Face passes the
+    attention dropout there in train mode)."""
+    if "dropout_p" in kwargs:
+        return args, {**kwargs, "dropout_p": 0.0}
+    if len(args) > 4:
+        return (*args[:4], 0.0, *args[5:]), kwargs
+    return args, kwargs
+
+
+def _is_inplace(func: Any, kwargs: dict) -> bool:
+    """`x += y`, `x.add_(y)`, `torch.add(x, y, out=x)`: the op overwrites a tensor it reads."""
+    raw = getattr(func, "__name__", "")
+    return raw in _AUGMENTED_ASSIGNMENTS or (raw.endswith("_") and not raw.endswith("__")) or kwargs.get("out") is not None
+
+
+_AUGMENTED_ASSIGNMENTS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "div", "floordiv", "mod", "pow",
+                                                   "matmul", "and", "or", "xor", "lshift", "rshift")}
 
 
 def _flatten(value: Any) -> list[Any]:
@@ -142,9 +249,10 @@ class Session:
     training monitor arms one in a root pre-forward hook and ends it in the forward hook)."""
 
     def __init__(self, model: nn.Module, observer: Observer | None = None, skip_dropout: bool = False,
-                 replacements: dict[str, Any] | None = None) -> None:
+                 replacements: dict[str, Any] | None = None, random_seed: int = 0,
+                 shared_rows: int | None = None) -> None:
         self.model = model
-        self.recorder = _OpRecorder(model, observer, skip_dropout, replacements)
+        self.recorder = _OpRecorder(model, observer, skip_dropout, replacements, random_seed, shared_rows)
         self.handles: list[Any] = []
 
     def start(self, inputs: Any) -> None:
@@ -167,9 +275,14 @@ class Session:
 
 
 def record(model: nn.Module, args: tuple, kwargs: dict[str, Any], observer: Observer | None = None,
-           skip_dropout: bool = False, replacements: dict[str, Any] | None = None) -> Recording:
-    """Run `model(*args, **kwargs)` once and record its ops. Grad mode is the caller's."""
-    session = Session(model, observer, skip_dropout, replacements)
+           skip_dropout: bool = False, replacements: dict[str, Any] | None = None, random_seed: int = 0,
+           shared_rows: int | None = None) -> Recording:
+    """Run `model(*args, **kwargs)` once and record its ops. Grad mode is the caller's.
+
+    `skip_dropout`: the probes' deterministic mode: dropout (also attention's `dropout_p`) is
+    skipped and every random op gives the same neutral draw in every pass (see _RANDOM_OPS),
+    seeded by `random_seed`; seeded draws with `shared_rows` rows repeat their first row."""
+    session = Session(model, observer, skip_dropout, replacements, random_seed, shared_rows)
     session.start((args, kwargs))
     output = None
     try:

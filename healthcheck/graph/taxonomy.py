@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ _TRIVIAL_OPS = {
     "pixel_unshuffle", "drop_path", "type_as", "cpu", "cuda", "_assert_tensor_metadata",
     "dropout_", "center_crop", "crop",
 }
-_POOL_RE = re.compile(r"(max|avg|lp)_pool|adaptive_(max|avg)_pool|max_pool\d?d_with_indices")
+_POOL_RE = re.compile(r"(max|avg|lp)_pool|adaptive_(max|avg)_pool|max_pool\d?d_with_indices|^am(ax|in)$")
 _RESAMPLE_OPS = {"interpolate", "upsample", "pixel_shuffle", "grid_sample"}
 _ADD_OPS = {"add", "iadd", "radd"}
 _MUL_OPS = {"mul", "imul", "rmul"}
@@ -59,6 +60,18 @@ VALUE_INDEPENDENT_OPS = {
     "sym_stride", "stride", "get_device", "__get__", "is_contiguous", "data_ptr", "element_size",
     "storage_offset", "scalar_tensor", "zeros", "ones", "empty", "full", "tensor", "bernoulli",
     "bernoulli_", "empty_strided", "_assert_async", "_assert", "eq_shape",
+}
+
+
+#: Ops that take part of a tensor (a channel or token range, one chunk of a split).
+SLICING_OPS = frozenset({"getitem", "slice", "select", "narrow", "split", "split_with_sizes", "chunk", "unbind",
+                         "tensor_split"})
+#: Elementwise ops: with a parameter operand they are a gain, shift or clamp, never a weight layer
+#: (timm's GlobalResponseNorm computes `addcmul(bias, weight, x * n)`).
+_ELEMENTWISE_OPS = {
+    "addcmul", "addcdiv", "lerp", "sub", "rsub", "where", "clamp", "clip", "maximum", "minimum", "pow", "exp",
+    "neg", "abs", "sqrt", "rsqrt", "reciprocal", "square", "sign", "masked_fill", "fmod", "remainder", "floor",
+    "round", "log", "mean", "sum", "norm", "linalg_vector_norm", "var", "std", "var_mean", "std_mean", "erf",
 }
 
 
@@ -108,7 +121,20 @@ def categorize(name: str, data_arity: int, enclosing: nn.Module | None, touches_
     enclosing norm or activation module, and a weight layer when it takes a parameter but is
     otherwise unknown (a wrapped attention function, x @ self.W)."""
     category = override_by_enclosing(enclosing, classify_op(name, data_arity))
-    return Category.WEIGHT if touches_param and category is Category.OTHER else category
+    weighted = touches_param and category is Category.OTHER and name not in _ELEMENTWISE_OPS
+    return Category.WEIGHT if weighted else category
+
+
+def value_facts(name: str, args: tuple, kwargs: dict, value: Any) -> dict[str, Any]:
+    """`floating` and `axis` of an `OpNode`, from the op's arguments and (real or fake) result."""
+    first = value[0] if isinstance(value, (list, tuple)) and value else value
+    floating = not isinstance(first, torch.Tensor) or first.is_floating_point() or first.is_complex()
+    axis = None
+    if name in _CAT_OPS and isinstance(first, torch.Tensor) and first.dim() > 0:
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        if isinstance(dim, int) and not isinstance(dim, bool):
+            axis = dim % first.dim()
+    return {"floating": floating, "axis": axis}
 
 
 def scale_facts(name: str, category: Category, numbers: list[float], kwargs: dict, touches_param: bool
@@ -141,7 +167,12 @@ _TORCH_NORMS = (
     nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
-_NORM_NAME = re.compile(r"(RMS|Layer|Batch|Group|Instance|Simple|Frozen|Sync)Norm(\d?d)?$|^LayerNorm2d$")
+#: Norm classes by name: RMSNorm, timm's RmsNorm/LayerNorm2d/GroupNorm1/BatchNormAct2d/GlobalResponseNorm,
+#: FrozenBatchNorm2d, LlamaRMSNorm, T5LayerNorm, LayerNormGeneral, RMSNormGated, ... ("Normalize",
+#: "NormedLinear" name other things). A module that holds weight layers of its own (PreNorm(fn),
+#: NormMlp) is not one, nor a weight layer named after its weight normalization (NormLinear).
+_NORM_NAME = re.compile(r"(?i:norm)(?:[A-Z0-9]\w*)?$")
+_WEIGHT_NAME = re.compile(r"(Linear|Conv\w*|Embedding|Attention|Mlp)$", re.IGNORECASE)
 _TORCH_ACTS = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
     nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.PReLU,
@@ -168,7 +199,9 @@ _POOL_MODULES = (
 def is_norm_module(module: nn.Module) -> bool:
     if isinstance(module, _TORCH_NORMS):
         return True
-    return bool(_NORM_NAME.search(type(module).__name__)) and not any(True for _ in module.children())
+    name = type(module).__name__
+    return bool(_NORM_NAME.search(name)) and not _WEIGHT_NAME.search(name) and not any(
+        True for child in module.children() for _ in child.parameters())
 
 
 def is_activation_module(module: nn.Module) -> bool:

@@ -1,17 +1,21 @@
 """Init-time probes: how signal and gradients propagate through the model on one batch.
 
 Three recorded passes, all in train mode (BatchNorm sees the batch as in training; dropout is
-skipped so that the numbers are deterministic):
+skipped and every random op gives the same neutral draw in every pass, so that the numbers are
+deterministic; activation checkpointing is off while they run):
 
 1. forward + backward: at every point (each residual join, or each layer input in plain stacks),
    the second moment E[y²], the join operands' second moments, the effective rank of the channel
    vectors, and ‖∂L/∂y‖ from a tensor hook;
 2. forward-mode AD (one Jacobian-vector product from the input point): sensitivity χ_k;
-3. forward + backward on inputs along a line: correlation of neighbouring input gradients.
+3. forward + backward on a fixed number of inputs along a line through the first example, all
+   other inputs shared by every row: correlation of neighbouring input gradients.
 
 Everything is reduced on the model's device and copied to the host once, at the end. Without a
-loss function, L = Σ output · R for a fixed, seeded random R. For token inputs the "input point"
-is the first floating-point tensor the model makes (the embedding output).
+loss function, L = Σ output · R for a fixed, seeded random R, zero at masked and pad positions.
+For token inputs the "input point" is the first floating-point tensor the model makes (the
+embedding output). Each pass gets its own copy of the inputs; a probe that cannot run is dropped
+with its reason in `Measurements.failures`, the others stand.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +65,8 @@ class Point:
     sensitivity: float | None  # χ_k
     numel: int = 0
     rank_size: int = 0  # min(vectors, channels): effective_rank × rank_size = directions of variance
+    directions_band: tuple[float, float] | None = None  # sampling band of `directions` (stats.directions_band)
+    within_share: float | None = None  # share of the variance between positions of one input (tokens, pixels)
 
     @property
     def directions(self) -> float | None:
@@ -69,7 +76,8 @@ class Point:
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
             "id", "at", "depth", "var", "var_ratio", "residual_ratio", "grad_norm", "effective_rank",
-            "sensitivity", "grad_rms", "participation_ratio", "module", "source")} | {"directions": self.directions}
+            "sensitivity", "grad_rms", "participation_ratio", "module", "source")} | {
+            "directions": self.directions, "directions_band": self.directions_band, "within_share": self.within_share}
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,16 @@ class Measurements:
     at: str  # "join" | "layer"
     failures: dict[str, str] = field(default_factory=dict)  # probe -> why it could not run
     seconds: float = 0.0
+    line_points: int = 0  # inputs on the gradient-correlation line
+    line_dim: int = 0  # elements of each input on the line: with line_points, the correlation's noise
+
+    @property
+    def grad_correlation_noise(self) -> float | None:
+        """Standard deviation of the neighbour correlation of white-noise gradients on this line,
+        1/√((points − 1)·elements): a reading within a few of these of a threshold is no verdict."""
+        if self.line_points < 2 or self.line_dim < 1:
+            return None
+        return 1 / math.sqrt((self.line_points - 1) * self.line_dim)
 
     def series(self, name: str) -> list[float]:
         return [getattr(p, name) for p in self.profile if getattr(p, name) is not None]
@@ -90,7 +108,7 @@ class ProbeOptions:
     seed: int = 0
     max_vectors: int = 256  # channel vectors per point for the effective rank
     line_step: float = 0.02  # distance between neighbouring line inputs, relative to ‖x0‖
-    line_points: int = 16  # at most this many inputs on the line (at most the batch size)
+    line_points: int = 24  # inputs on the gradient-correlation line, whatever the batch size
     sensitivity: bool = True
     grad_correlation: bool = True
     loss_fn: Callable[[Any], torch.Tensor] | None = None
@@ -98,23 +116,32 @@ class ProbeOptions:
 
 class _InputPoint:
     """Where the probe's input lives: the first float model input, else the first float tensor the
-    model makes from its (integer) inputs. `replace(t)` gives the tensor to use there instead."""
+    model makes from its (integer) inputs. `replace(t)` gives the tensor to use there instead.
 
-    def __init__(self, replace: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    `inside=True` skips the model inputs: the point is the first float tensor the model makes. The
+    probes fall back to it when the model cannot take a differentiable input (wav2vec2's feature
+    encoder sets `requires_grad` on a slice of its input, which only a plain tensor allows).
+    `feed(used)` is what the model receives at a model input (default: `used` itself)."""
+
+    def __init__(self, replace: Callable[[torch.Tensor], torch.Tensor], inside: bool = False,
+                 feed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.replace = replace
+        self.inside = inside
+        self.feed = feed
         self.done = False
         self.original: torch.Tensor | None = None
         self.used: torch.Tensor | None = None
 
     def apply_to_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        target = first_float(tensors_of((args, kwargs)))
+        target = None if self.inside else first_float(tensors_of((args, kwargs)))
         if target is None:
             return args, kwargs
         self.done = True
         self.original, self.used = target, self.replace(target)
+        fed = self.used if self.feed is None else self.feed(self.used)
 
         def swap(value: Any) -> Any:
-            return self.used if value is target else value
+            return fed if value is target else value
 
         return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
 
@@ -124,6 +151,38 @@ class _InputPoint:
         self.done = True
         self.original, self.used = result, self.replace(result)
         return self.used
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`value` with `fn` applied to every tensor in (nested) tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
+
+
+def _fresh(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Copies of the inputs for one pass: an in-place op on its input (`x.mul_(…)`) in the model
+    changes neither the caller's tensors nor what the next pass sees."""
+    copy = lambda t: t.detach().clone()  # noqa: E731
+    return _map_tensors(args, copy), _map_tensors(kwargs, copy)
+
+
+def _with_fallbacks(run: Callable[[bool, bool], Any]) -> Any:
+    """`run(inside, full_backward)`: first with the point at the model input and a backward pass
+    restricted to the input (cheapest); then with a full `backward()` (reentrant
+    `torch.utils.checkpoint` refuses `autograd.grad` and `backward(inputs=…)`); then with the point
+    inside the model (a model that sets `requires_grad` on its input). The first error if all fail."""
+    first: Exception | None = None
+    for inside, full in ((False, False), (False, True), (True, True)):
+        try:
+            return run(inside, full)
+        except Exception as exc:  # noqa: BLE001 - retried the next way
+            first = first or exc
+    raise first  # type: ignore[misc]
 
 
 class _TangentObserver:
@@ -164,9 +223,43 @@ def _sdpa_math(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn
     return F.softmax(scores, dim=-1) @ value
 
 
-def _loss(output: Any, options: ProbeOptions, generator: torch.Generator, per_sample: bool = True) -> torch.Tensor:
+def position_weights(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """Which token positions a real loss counts: 1 where `attention_mask` is on and the token is not
+    the model's pad id (`config.pad_token_id`), else 0; None when the inputs say nothing (no mask,
+    no pad id present). For encoder-decoder models, the decoder's mask and ids (the output is the
+    decoder's)."""
+    decoder = "decoder_input_ids" in kwargs or "decoder_inputs_embeds" in kwargs
+    mask = kwargs.get("decoder_attention_mask" if decoder else "attention_mask")
+    ids = kwargs.get("decoder_input_ids" if decoder else "input_ids")
+    if ids is None and not decoder:
+        ids = next((a for a in args if isinstance(a, torch.Tensor) and not a.is_floating_point()
+                    and not a.is_complex() and a.dtype != torch.bool), None)
+    weights = None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        if mask.is_floating_point() and bool((mask <= 0).all()) and bool((mask < 0).any()):
+            weights = mask == 0  # an additive mask: 0 where attended, -inf (or very negative) where not
+        else:
+            weights = mask != 0
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if isinstance(pad, int) and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        not_pad = ids != pad
+        if weights is None:
+            weights = not_pad
+        elif weights.shape == not_pad.shape:
+            weights = weights & not_pad
+    if weights is None or bool(weights.all()) or not bool(weights.any()):
+        return None  # nothing masked, or everything: an all-zero loss would measure nothing
+    return weights
+
+
+def _loss(output: Any, options: ProbeOptions, generator: torch.Generator, per_sample: bool = True,
+          weights: torch.Tensor | None = None) -> torch.Tensor:
     """The user's loss, else Σ output · R with R seeded: a different R per sample (like labels),
-    or one R shared by all samples (`per_sample=False`) to compare gradients across inputs."""
+    or one R shared by all samples (`per_sample=False`) to compare gradients across inputs.
+
+    `weights` (batch × positions, see `position_weights`) zero the masked and pad positions, as a
+    real loss ignores them (labels = -100): an output there is not trained, and a pad token's
+    gradient alone can be 1e13 times the others'."""
     if options.loss_fn is not None:
         return options.loss_fn(output)
     out = first_float(tensors_of(output))
@@ -174,13 +267,44 @@ def _loss(output: Any, options: ProbeOptions, generator: torch.Generator, per_sa
         raise ValueError("the model returned no floating-point tensor to backpropagate from")
     shape = out.shape if per_sample or out.dim() == 0 else out.shape[1:]
     direction = torch.randn(shape, generator=generator).to(device=out.device, dtype=torch.float32)
-    return (out.float() * direction).sum()
+    product = out.float() * direction
+    if weights is not None and out.dim() >= weights.dim() and tuple(out.shape[:weights.dim()]) == tuple(weights.shape):
+        product = product * weights.reshape(*weights.shape, *[1] * (out.dim() - weights.dim())).to(product)
+    return product.sum()
+
+
+# Module flags that turn activation checkpointing on: Hugging Face (`gradient_checkpointing_enable()`)
+# and timm (`set_grad_checkpointing()`).
+_CHECKPOINTING_FLAGS = ("gradient_checkpointing", "grad_checkpointing")
+
+
+@contextmanager
+def _checkpointing_off(model: nn.Module) -> Iterator[None]:
+    """Activation checkpointing off while the probes run, restored after. A checkpointed segment is
+    recomputed during backward outside the recorder, with dropout and random ops live: the
+    recomputation then differs from the recorded forward (non-reentrant checkpointing fails on it;
+    reentrant silently takes gradients through other dropout masks). The function is the same
+    without it."""
+    switched = [(m, flag) for m in model.modules() for flag in _CHECKPOINTING_FLAGS if getattr(m, flag, None) is True]
+    try:
+        for module, flag in switched:
+            setattr(module, flag, False)
+        yield
+    finally:
+        for module, flag in switched:
+            setattr(module, flag, True)
 
 
 def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None, *, at_joins: bool,
             options: ProbeOptions | None = None) -> Measurements:
     """Run the probes. The caller guards the model's state (see `healthcheck.guard.preserved`):
     this sets train mode, clears `.grad` and runs backward passes."""
+    with _checkpointing_off(model):
+        return _measure(model, args, kwargs, at_joins=at_joins, options=options)
+
+
+def _measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None, *, at_joins: bool,
+             options: ProbeOptions | None = None) -> Measurements:
     options = options or ProbeOptions()
     kwargs = forward_kwargs(model, kwargs or {})
     start = time.perf_counter()
@@ -188,23 +312,38 @@ def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
     for p in model.parameters():
         p.grad = None
     failures: dict[str, str] = {}
+    weights = position_weights(model, args, kwargs)
 
     # Pass 1: statistics and gradients
-    point = _InputPoint(lambda t: t.detach().clone().requires_grad_(True))
-    args1, kwargs1 = point.apply_to_inputs(args, kwargs)
-    observer = StatsObserver(at_joins, options.max_vectors, options.seed, point)
-    with torch.enable_grad():
-        recording = record(model, args1, kwargs1, observer, skip_dropout=True)
-        graph = recording.graph
-        if not at_joins:
-            observer.measure_output(graph, recording.output)
-        loss = _loss(recording.output, options, torch.Generator().manual_seed(options.seed + 1))
-        if loss.requires_grad:
-            loss.backward(inputs=[point.used] if point.used is not None and point.used.is_leaf else None)
-        else:
-            failures["gradients"] = "the output does not depend on anything that requires grad"
-    input_moment = stats.second_moment(point.original) if point.original is not None else torch.tensor(float("nan"))
-    del loss, recording
+    def statistics_pass(inside: bool, full_backward: bool) -> tuple[StatsObserver, Any, torch.Tensor, str | None]:
+        for p in model.parameters():
+            p.grad = None
+        # the model gets a copy of the leaf: an in-place op on its input must not hit a leaf
+        point = _InputPoint(lambda t: t.detach().clone().requires_grad_(True), inside, feed=torch.clone)
+        args1, kwargs1 = point.apply_to_inputs(*_fresh(args, kwargs))
+        observer = StatsObserver(at_joins, options.max_vectors, options.seed, point)
+        no_gradients = None
+        with torch.enable_grad():
+            recording = record(model, args1, kwargs1, observer, skip_dropout=True, random_seed=options.seed)
+            if not at_joins:
+                observer.measure_output(recording.graph, recording.output)
+            loss = _loss(recording.output, options, torch.Generator().manual_seed(options.seed + 1), weights=weights)
+            if loss.requires_grad:
+                leaf = point.used is not None and point.used.is_leaf and not full_backward
+                loss.backward(inputs=[point.used] if leaf else None)
+            else:
+                no_gradients = "the output does not depend on anything that requires grad"
+        moment = stats.second_moment(point.original) if point.original is not None else torch.tensor(float("nan"))
+        return observer, recording.graph, moment, no_gradients
+
+    try:
+        observer, graph, input_moment, no_gradients = _with_fallbacks(statistics_pass)
+    except Exception as exc:  # noqa: BLE001 - the structural report stands without the profile
+        failures["profile"] = f"the model could not run forward and backward in train mode: {describe(exc)}"
+        return Measurements((), None, float("nan"), "join" if at_joins else "layer", failures,
+                            time.perf_counter() - start)
+    if no_gradients:
+        failures["gradients"] = no_gradients
 
     joins = find_joins(graph) if at_joins else []
     point_nodes = [j.node for j in joins] if at_joins else sorted(observer.layer_points)
@@ -213,18 +352,23 @@ def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
     chi: dict[int, float] = {}
     if options.sensitivity:
         try:
-            chi = _sensitivities(model, args, kwargs, set(point_nodes), options)
+            chi = _sensitivities(model, *_fresh(args, kwargs), set(point_nodes), options, weights)
         except Exception as exc:  # noqa: BLE001 - forward AD is not implemented for every op
             try:
-                chi = _sensitivities_by_difference(model, args, kwargs, set(point_nodes), options)
+                chi = _sensitivities_by_difference(model, *_fresh(args, kwargs), set(point_nodes), options, weights)
             except Exception as exc2:  # noqa: BLE001 - a probe that cannot run is reported, not fatal
                 failures["sensitivity"] = f"forward AD: {describe(exc)}; finite difference: {describe(exc2)}"
+    undefined = [n for n, value in chi.items() if not math.isfinite(value)]
+    if undefined:  # ‖δy‖/‖y − ȳ‖ = 0/0 where a layer outputs all zeros (or one value for every input)
+        chi = {n: value for n, value in chi.items() if math.isfinite(value)}
+        failures[f"sensitivity at {len(undefined)} point(s)"] = (
+            "the activations there do not vary across inputs (all zeros?), so χ is undefined")
 
     # Pass 3: gradient correlation along a line of inputs
-    correlation = None
+    correlation, line_dim = None, 0
     if options.grad_correlation:
         try:
-            correlation = _line_correlation(model, args, kwargs, options, observer.batch_stats)
+            correlation, line_dim = _line_correlation(model, args, kwargs, options, observer.batch_stats, weights)
         except Exception as exc:  # noqa: BLE001
             failures["grad_correlation"] = describe(exc)
 
@@ -233,7 +377,8 @@ def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
     if correlation is not None:
         correlation = float(correlation)
     return Measurements(tuple(profile), correlation, host["input_var"], "join" if at_joins else "layer",
-                        failures, time.perf_counter() - start)
+                        failures, time.perf_counter() - start, options.line_points if correlation is not None else 0,
+                        line_dim)
 
 
 def _to_host(observer: StatsObserver, nodes: list[int], input_moment: torch.Tensor) -> dict[str, Any]:
@@ -296,24 +441,37 @@ def profile_points(graph: Any, joins: list[Join], nodes: list[int], host: dict[A
             grad_rms=math.sqrt(grad_sq / (numel * ranks)) if grad_sq is not None and numel else None,
             effective_rank=host.get((n, "rank")), participation_ratio=host.get((n, "participation")),
             sensitivity=chi.get(n), numel=int(numel), rank_size=int(host.get((n, "rank_size"), 0)),
+            directions_band=stats.directions_band(
+                None if host.get((n, "rank")) is None else host[(n, "rank")] * host.get((n, "rank_size"), 0),
+                host.get((n, "rank_draws")), host.get((n, "rank_channels"))),
+            within_share=stats.finite_or_none(host.get((n, "rank_within"))),
         ))
         previous = var
     return points
 
 
+def _on_counted_positions(direction: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """`direction` zeroed at the positions the loss does not count (padding, see `position_weights`)
+    when its leading dimensions are those positions: a perturbation of a pad token's embedding is no
+    perturbation of the input (and a zero pad embedding through a norm turns it into ×1e6)."""
+    if weights is None or tuple(direction.shape[:weights.dim()]) != tuple(weights.shape):
+        return direction
+    return direction * weights.reshape(*weights.shape, *[1] * (direction.dim() - weights.dim())).to(direction)
+
+
 def _sensitivities(model: nn.Module, args: tuple, kwargs: dict[str, Any], nodes: set[int],
-                   options: ProbeOptions) -> dict[int, float]:
+                   options: ProbeOptions, weights: torch.Tensor | None = None) -> dict[int, float]:
     generator = torch.Generator().manual_seed(options.seed + 2)
 
     def dual(t: torch.Tensor) -> torch.Tensor:
-        tangent = torch.randn(t.shape, generator=generator).to(device=t.device, dtype=t.dtype)
+        tangent = _on_counted_positions(torch.randn(t.shape, generator=generator).to(t.device), weights).to(t.dtype)
         return fwAD.make_dual(t.detach(), tangent)
 
     point = _InputPoint(dual)
     observer = _TangentObserver(nodes, point)
     with torch.no_grad(), fwAD.dual_level():
         args2, kwargs2 = point.apply_to_inputs(args, kwargs)
-        record(model, args2, kwargs2, observer, skip_dropout=True,
+        record(model, args2, kwargs2, observer, skip_dropout=True, random_seed=options.seed,
                replacements={"scaled_dot_product_attention": _sdpa_math})
         if point.used is None:
             raise ValueError("no floating-point input point to perturb")
@@ -360,7 +518,8 @@ class _DifferenceObserver:
 
 
 def _sensitivities_by_difference(model: nn.Module, args: tuple, kwargs: dict[str, Any], nodes: set[int],
-                                 options: ProbeOptions, epsilon: float = 1e-4) -> dict[int, float]:
+                                 options: ProbeOptions, weights: torch.Tensor | None = None,
+                                 epsilon: float = 1e-4) -> dict[int, float]:
     tensors = tensors_of((args, kwargs))
     batch = tensors[0].shape[0] if tensors and tensors[0].dim() > 0 else 0
     if batch < 2:
@@ -375,6 +534,7 @@ def _sensitivities_by_difference(model: nn.Module, args: tuple, kwargs: dict[str
     def perturb(t: torch.Tensor) -> torch.Tensor:
         base = t[:batch].detach()
         direction = torch.randn(base.shape, generator=generator).to(device=t.device, dtype=torch.float32)
+        direction = _on_counted_positions(direction, weights)
         direction = direction * stats.centred_norm(base) / direction.norm()
         return torch.cat([base, (base.float() + epsilon * direction).to(t.dtype)])
 
@@ -383,7 +543,7 @@ def _sensitivities_by_difference(model: nn.Module, args: tuple, kwargs: dict[str
     doubled_args, doubled_kwargs = tuple(double(a) for a in args), {k: double(v) for k, v in kwargs.items()}
     with torch.no_grad():
         args2, kwargs2 = point.apply_to_inputs(doubled_args, doubled_kwargs)
-        record(model, args2, kwargs2, observer, skip_dropout=True)
+        record(model, args2, kwargs2, observer, skip_dropout=True, random_seed=options.seed)
         if point.used is None:
             raise ValueError("no floating-point input point to perturb")
         base = point.used[:batch].float()
@@ -395,41 +555,92 @@ def _sensitivities_by_difference(model: nn.Module, args: tuple, kwargs: dict[str
     return dict(zip(keys, ratios.cpu().tolist()))
 
 
+def _leading_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The batch size: the leading dimension of the first float input, else of the first input."""
+    tensors = [t for t in tensors_of((args, kwargs)) if t.dim() > 0]
+    first = first_float(tensors)
+    first = first if first is not None else (tensors[0] if tensors else None)
+    return None if first is None else int(first.shape[0])
+
+
 def _line_correlation(model: nn.Module, args: tuple, kwargs: dict[str, Any], options: ProbeOptions,
-                      batch_stats: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(options.seed + 3)
-    captured: dict[str, torch.Tensor] = {}
-    inputs = tensors_of((args, kwargs))
-    # A shorter line is cheaper, but only a lone float input can change batch size safely.
-    shorten = len(inputs) == 1 and inputs[0].is_floating_point()
+                      batch_stats: list[tuple[torch.Tensor, torch.Tensor]],
+                      weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(correlation, elements per point): correlation of neighbouring input gradients along a line of `options.line_points` inputs
+    through the first example (Balduzzi et al. 2017).
 
-    def line(t: torch.Tensor) -> torch.Tensor:
-        n = min(t.shape[0], options.line_points) if shorten else t.shape[0]
-        if n < 3:
-            raise ValueError("gradient correlation needs a batch of at least 3")
-        x0 = t[0].detach().float()
-        direction = torch.randn(x0.shape, generator=generator).to(x0.device)
-        direction = direction / direction.norm() * x0.norm().clamp(min=1e-6)
-        offsets = (torch.arange(n, device=x0.device, dtype=torch.float32) - (n - 1) / 2) * options.line_step
-        points = x0.unsqueeze(0) + offsets.reshape(-1, *[1] * x0.dim()) * direction.unsqueeze(0)
-        captured["line"] = points.to(t.dtype).requires_grad_(True)
-        return captured["line"]
+    The line has a fixed number of points, whatever the user's batch: the lag-1 correlation of m
+    points has a floor set by m (0.45 for an exactly linear field at m = 4; `linear_field_correlation`).
+    Every row shares all the other inputs — each batch-sized input (token ids, decoder ids, masks,
+    timesteps, labels) becomes its first row, repeated — so neighbouring rows differ only along the
+    line, which lives at the input point (the embedding output for token inputs). BatchNorm uses
+    the real batch's statistics, and every random op gives the same draw in every row (recorder)."""
+    n = options.line_points
+    if n < 3:
+        raise ValueError("gradient correlation needs a line of at least 3 points")
+    batch = _leading_size(args, kwargs)
 
-    point = _InputPoint(line)
-    args3, kwargs3 = point.apply_to_inputs(args, kwargs)
+    def first_row(t: torch.Tensor) -> torch.Tensor:
+        if batch is None or t.dim() == 0 or t.shape[0] != batch:
+            return t.detach().clone()  # no batch dimension: shared as it is
+        return t.detach()[:1].repeat(n, *[1] * (t.dim() - 1))
 
-    class _Inject:
-        def on_node(self, node: OpNode, result: Any, operands: list) -> Any:
-            return point.maybe_inject(node, result)
+    line_args, line_kwargs = _map_tensors(args, first_row), _map_tensors(kwargs, first_row)
+    line_weights = weights[:1].repeat(n, 1) if weights is not None else None
 
-    with torch.enable_grad():
-        recording = record(model, args3, kwargs3, _Inject(), skip_dropout=True,
-                           replacements={"batch_norm": _FrozenBatchNorm(batch_stats)})
-        loss = _loss(recording.output, options, torch.Generator().manual_seed(options.seed + 1), per_sample=False)
-        (grad,) = torch.autograd.grad(loss, [captured["line"]])
+    def run(inside: bool, full_backward: bool) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(options.seed + 3)
+        captured: dict[str, torch.Tensor] = {}
+
+        def line(t: torch.Tensor) -> torch.Tensor:
+            x0 = t[0].detach().float()
+            direction = torch.randn(x0.shape, generator=generator).to(x0.device)
+            direction = _on_counted_positions(direction, None if line_weights is None else line_weights[0])
+            direction = direction / direction.norm() * x0.norm().clamp(min=1e-6)
+            offsets = (torch.arange(n, device=x0.device, dtype=torch.float32) - (n - 1) / 2) * options.line_step
+            points = x0.unsqueeze(0) + offsets.reshape(-1, *[1] * x0.dim()) * direction.unsqueeze(0)
+            captured["line"] = points.to(t.dtype).requires_grad_(True)
+            return captured["line"]
+
+        point = _InputPoint(line, inside)
+        args3, kwargs3 = point.apply_to_inputs(*_fresh(line_args, line_kwargs))
+
+        class _Inject:
+            def on_node(self, node: OpNode, result: Any, operands: list) -> Any:
+                return point.maybe_inject(node, result)
+
+        with torch.enable_grad():
+            recording = record(model, args3, kwargs3, _Inject(), skip_dropout=True, random_seed=options.seed,
+                               shared_rows=n, replacements={"batch_norm": _FrozenBatchNorm(batch_stats)})
+            if "line" not in captured:
+                raise ValueError("the model made no floating-point tensor to put on the line")
+            if captured["line"].shape[0] != n:
+                raise ValueError(f"the input point has {captured['line'].shape[0]} rows, not the line's {n}")
+            loss = _loss(recording.output, options, torch.Generator().manual_seed(options.seed + 1), per_sample=False,
+                         weights=line_weights)
+            if full_backward:
+                loss.backward()
+                grad = captured["line"].grad
+                if grad is None:
+                    raise ValueError("no gradient reached the input line")
+            else:
+                (grad,) = torch.autograd.grad(loss, [captured["line"]])
+        return grad
+
+    grad = _with_fallbacks(run)
     if not bool(grad.abs().amax() > 0):
         raise ValueError("the input gradients are zero at initialization (a zero-initialized output layer?)")
-    return stats.neighbour_correlation(grad)
+    return stats.neighbour_correlation(grad), grad[0].numel()
+
+
+def linear_field_correlation(points: int) -> float:
+    """What `stats.neighbour_correlation` gives for an exactly linear gradient field over `points`
+    equally spaced inputs: Σ t̃_i t̃_{i+1} / Σ t̃_i² over the centred offsets (0.45 at 4 points, 0.989
+    at 24). A measured correlation this high is as smooth as a field can look on that line."""
+    m = points
+    total = m * (m * m - 1) / 12  # Σ t̃² over the whole line
+    end = ((m - 1) / 2) ** 2
+    return (total - end - (m - 1) / 2) / (total - end)
 
 
 def line_gradient_correlation(model: nn.Module, line: torch.Tensor, *, seed: int = 0,

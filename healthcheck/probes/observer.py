@@ -42,6 +42,14 @@ class StatsObserver:
         self.last_weight: tuple[str, int] | None = None
         self.generator = torch.Generator().manual_seed(seed)
         self.batch_stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch_norm call, in order
+        # operand moments read just before an in-place op (`x += shortcut`) overwrote its first operand
+        self.before_moments: dict[int, torch.Tensor] = {}
+
+    def before_inplace(self, operands: list[tuple[int, torch.Tensor]]) -> None:
+        """An in-place join (`out += identity`) overwrites the branch with the sum: read the operands'
+        moments now, or the branch would read as the sum (residual ratio 1 where the branch is 0)."""
+        if self.at_joins:
+            self.before_moments = {index: stats.second_moment(tensor) for index, tensor in operands}
 
     def on_node(self, node: OpNode, result: Any, operands: list[tuple[int, torch.Tensor]]) -> Any:
         replaced = self.point.maybe_inject(node, result) if self.point is not None else None
@@ -67,7 +75,9 @@ class StatsObserver:
         elif self.at_joins and is_join_candidate(node) and isinstance(result, torch.Tensor):
             self.measure(node.index, result, channel_dim=self._channel_dim(result))
             for index, tensor in operands:
-                self.operand_moments[index] = stats.second_moment(tensor)
+                moment = self.before_moments.get(index)
+                self.operand_moments[index] = stats.second_moment(tensor) if moment is None else moment
+        self.before_moments = {}
         return None
 
     def measure_output(self, graph: OpGraph, output: Any) -> None:
@@ -96,9 +106,12 @@ class StatsObserver:
             return
         values = {"var": stats.second_moment(tensor), "numel": torch.tensor(float(tensor.numel()))}
         if self.ranks:
-            rank, participation = stats.effective_ranks(tensor, channel_dim, self.max_vectors, self.generator)
+            rank, participation, draws, within = stats.rank_statistics(tensor, channel_dim, self.max_vectors,
+                                                                       self.generator)
             size = stats.rank_size(tensor, channel_dim, self.max_vectors)
-            values.update(rank=rank, participation=participation, rank_size=torch.tensor(float(size)))
+            values.update(rank=rank, participation=participation, rank_size=torch.tensor(float(size)),
+                          rank_draws=draws, rank_within=within,  # for stats.directions_band and HC203
+                          rank_channels=torch.tensor(float(tensor.shape[channel_dim] if tensor.dim() > 1 else 1)))
         self.values[index] = values
         if tensor.requires_grad:
             tensor.register_hook(partial(self._on_grad, index))

@@ -262,6 +262,10 @@ def write_text(report: Report, console: Console, *, verbose: bool = False) -> No
         for line in extra:
             console.print(Text(line, style="hc.dim"))
         console.print()
+    elif measurements is not None and measurements.failures:  # no profile: say why, not just "no findings"
+        for probe, why in measurements.failures.items():
+            console.print(Text(f"{probe} not measured: {why}", style="hc.warning"))
+        console.print()
     if report.findings:
         console.print(Text("Findings", style="bold"))
         for f in report.findings:

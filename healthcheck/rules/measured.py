@@ -13,6 +13,14 @@ from typing import Any
 
 from healthcheck.records import Finding, Location
 from healthcheck.rules.registry import Rule, RuleContext, register
+from healthcheck.rules.stream import (
+    exponential_rate,
+    growth_is_linear,
+    relative_gradient,
+    stream_points,
+    trend,
+    with_entry,
+)
 from healthcheck.rules.structure import short_source
 
 
@@ -48,33 +56,74 @@ def _profile(ctx: RuleContext) -> list[Any]:
     return list(ctx.measurements.profile) if ctx.measurements is not None else []
 
 
-def _variance(ctx: RuleContext, opt: dict[str, Any], vanishing: bool) -> Iterator[Finding]:
+def _stem_loss(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
+    """Signal lost before the first point: the stem (or embedding) leaves almost nothing of the input's
+    second moment. Later blocks that add O(1) each then look like enormous growth; name the real cause."""
+    m = ctx.measurements
     points = _profile(ctx)
-    ratios = [p.var_ratio for p in points if p.var_ratio is not None]
-    if len(ratios) < opt["min_points"]:
+    if not points or not (m.input_var > 0 and math.isfinite(m.input_var)) or not points[0].var > 0:
         return
-    total = math.prod(ratios)
-    per_point = geometric_mean(ratios)
-    late = geometric_mean(ratios[len(ratios) // 2:])
-    if vanishing:
-        total, late = 1 / total, 1 / late
-    if late >= opt["error_ratio"] and total >= opt["error_total"]:
+    first = points[0]
+    # what enters the first block: its skip operand (var / var_ratio at a first join), or the point itself
+    entry = first.var / first.var_ratio if first.var_ratio else first.var
+    drop = m.input_var / min(first.var, entry)
+    if drop >= opt["stem_error_drop"]:
         severity = "error"
-    elif late >= opt["warn_ratio"] and total >= opt["warn_total"]:
+    elif drop >= opt["stem_warn_drop"]:
+        severity = "warning"
+    elif drop >= opt["stem_info_drop"]:
+        # a normalized layer downstream rescales a small stem output: trains (benchmarks/rule_judgements.md)
+        severity = "info"
+    else:
+        return
+    yield HC202.finding(
+        severity,
+        f"signal vanishes before the first {_unit(ctx)}: E[y²] falls from {m.input_var:.3g} at the input to "
+        f"{m.input_var / drop:.3g} entering {first.id} (×{1 / drop:.3g}) in the stem/embedding, so what later "
+        f"{_unit(ctx)}s add is not a growth of the input's signal; look for a near-zero init there (a "
+        "normalization weight or gain drawn around 0, a tiny embedding or conv init)",
+        _where(first),
+        {"input_var": m.input_var, "entry_var": m.input_var / drop, "first_var": first.var, "drop": drop,
+         "where": "stem"},
+        ("initialize the stem's normalization weights to 1 (nn.init.ones_) and its layers with a "
+         "variance-preserving init", None),
+    )
+
+
+def _variance(ctx: RuleContext, opt: dict[str, Any], vanishing: bool) -> Iterator[Finding]:
+    if vanishing:
+        yield from _stem_loss(ctx, opt)
+    groups = with_entry(stream_points(ctx))
+    # shrinking: the log-linear fit; growth: the growth of the increments, blind to additive offsets
+    fit = trend(groups, lambda p: p.var) if vanishing else exponential_rate(groups, lambda p: p.var)
+    if fit is None or fit.points < opt["min_points"]:
+        return
+    # growth: only an exponential trend is the pathology; (k+1)/k growth (a norm in each branch,
+    # after a small embedding) is linear and healthy
+    if not vanishing and growth_is_linear(groups, lambda p: p.var):
+        return
+    per_point, total = fit.per_point, fit.total
+    if vanishing:
+        per_point, total = 1 / per_point, 1 / total
+    if per_point >= opt["error_ratio"] and total >= opt["error_total"]:
+        severity = "error"
+    elif per_point >= opt["warn_ratio"] and total >= opt["warn_total"]:
         severity = "warning"
     else:
         return
     unit = _unit(ctx)
-    shown_total = 1 / total if vanishing else total
-    worst = max(points, key=lambda p: (p.var_ratio or 1) ** (-1 if vanishing else 1))
+    stream = [p for g in groups for p in g]
+    worst = max(stream, key=lambda p: (p.var_ratio or 1) ** (-1 if vanishing else 1))
     rule = HC202 if vanishing else HC201
+    shown = (1 / per_point, 1 / total) if vanishing else (per_point, total)
+    where = f" ({fit.stacks} stacks, fitted separately)" if fit.stacks > 1 else ""
     yield rule.finding(
         severity,
-        f"activation variance ×{per_point:.3g} per {unit} over {len(ratios)} {unit}s → ×{shown_total:.3g} at the "
-        f"output (late {unit}s ×{late ** (-1 if vanishing else 1):.3g} each)",
+        f"activation variance {'shrinks' if vanishing else 'grows'} exponentially: ×{shown[0]:.3g} per {unit} "
+        f"(fitted over {fit.points} {unit}s of the residual stream{where}) → ×{shown[1]:.3g} from first to last",
         _where(worst),
-        {"ratio_per_point": per_point, "late_ratio": late ** (-1 if vanishing else 1), "total": shown_total,
-         "points": len(ratios), "first_var": points[0].var, "last_var": points[-1].var},
+        {"ratio_per_point": shown[0], "total": shown[1], "points": fit.points, "steps": fit.steps,
+         "stacks": fit.stacks, "first_var": stream[0].var, "last_var": stream[-1].var},
         _variance_fix(ctx, vanishing),
     )
 
@@ -88,13 +137,22 @@ def _hc202(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
 
 
 _VARIANCE_OPTIONS = {"warn_ratio": 1.15, "warn_total": 100.0, "error_ratio": 1.3, "error_total": 1000.0, "min_points": 4}
+#: HC202 only: how far the stem may lower E[y²] from the input to what enters the first point (info, warning,
+#: error); calibrated by short trainings (benchmarks/rule_judgements.md): ×2e-4 trains, ×5e-9 fails with SGD
+_STEM_OPTIONS = {"stem_info_drop": 1e3, "stem_warn_drop": 1e6, "stem_error_drop": 1e12}
 
 HC201 = register(Rule(
     code="HC201", name="exploding-variance",
     summary="Activation variance grows exponentially with depth",
-    what="Reads the measured second moment E[y²] at every join (or layer) on the example batch at "
-         "initialization and reports a steady multiplicative growth: the geometric-mean growth over the later "
-         "half of the points is at least `warn_ratio` and the total growth at least `warn_total`.",
+    what="Reads the measured second moment E[y²] at every join (or layer) of the residual stream on the "
+         "example batch at initialization, splits the stream into stacks (encoder/decoder, stages of another "
+         "width: a new stack where the tensor size or the module prefix changes; joins inside another join's "
+         "branch are left out). Per stack it estimates the exponential rate from how fast the per-block "
+         "increments E[y²]_(k+1) − E[y²]_k grow (later half over earlier half: ×ρ per block for ρ^k growth, "
+         "×1 for linear growth whatever the first point's scale), pools the stacks, and takes the smaller of that "
+         "rate and the slope of a log-linear fit (one intercept per stack). It reports when an exponential also "
+         "fits log E[y²] better than a straight line E[y²] = c + d·k does, the rate is at least `warn_ratio` "
+         "per block and the fitted growth over the stream's in-stack steps at least `warn_total`.",
     why="Exponential growth of the activations means exponential growth of the gradients going backwards, "
         "overflow in low precision, and optimizer steps whose effective size depends on depth. Residual blocks "
         "without normalization double the variance per block (ratio 1 + r_k); BatchNorm in the branch makes "
@@ -117,8 +175,11 @@ class Block(nn.Module):                      # measured: ×1.0 per block
 HC202 = register(Rule(
     code="HC202", name="vanishing-variance",
     summary="Activation variance shrinks exponentially with depth",
-    what="Like HC201, for steady shrinking: the later points each multiply E[y²] by at most 1/`warn_ratio` and "
-         "the output has at most 1/`warn_total` of the first point's variance.",
+    what="Like HC201, for steady shrinking along the stream: the fitted per-block factor is at most "
+         "1/`warn_ratio` and the fitted change at most 1/`warn_total`. Separately, it reports signal lost "
+         "before the first point: when what enters the first block has `stem_info_drop`× (info), "
+         "`stem_warn_drop`× (warning) or `stem_error_drop`× (error) less E[y²] than the input, the stem or "
+         "embedding is named as the cause (later blocks that add O(1) each then are not 'exploding variance').",
     why="When every layer shrinks the signal (an init whose gain is too small for the nonlinearity, e.g. "
         "PyTorch's default Linear init in a deep ReLU stack shrinks E[y²] about 6× per layer), the output "
         "carries almost nothing of the input and gradients vanish with it.",
@@ -132,8 +193,15 @@ for m in model.modules():
         nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 """,
     fix_summary="Use a variance-preserving init for the nonlinearity or add normalization",
-    transform=None, fix_safety="unsafe", options=dict(_VARIANCE_OPTIONS), check=_hc202,
+    transform=None, fix_safety="unsafe", options={**_VARIANCE_OPTIONS, **_STEM_OPTIONS}, check=_hc202,
 ))
+
+
+def _draws_needed(directions: float, threshold: float) -> float:
+    """Independent vectors from which `directions` measured is sure to be at most `threshold`: the
+    band's high end d/(1 − √(d/m))² (stats.directions_band) falls to the threshold when
+    m = d/(1 − √(d/threshold))²."""
+    return directions / (1 - math.sqrt(min(directions / threshold, 0.999))) ** 2
 
 
 def _hc203(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
@@ -147,26 +215,51 @@ def _hc203(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
             if points[0].effective_rank >= opt["min_drop"] * max(p.effective_rank, 1e-12)]
     if not tail:
         return
-    worst = min(tail, key=lambda p: p.directions)
+    # Dong et al.'s rank collapse: the positions of each input (tokens, pixels) fall onto one vector.
+    # A ratio of two traces over all n vectors: sure whatever the number of inputs
+    first_within = points[0].within_share
+    positions_collapsed = [p for p in tail if p.within_share is not None and first_within is not None
+                           and p.within_share <= opt["within_collapse"] < first_within / opt["min_drop"]]
+    worst = min(positions_collapsed or tail, key=lambda p: p.directions)
     lost = first / max(worst.directions, 1e-12)
-    if worst.directions <= opt["error_directions"] and lost >= opt["min_drop"]:
+    if not positions_collapsed and (worst.directions > opt["warn_directions"] or lost < opt["min_drop"]):
+        return
+    # The measured count is biased low and bounded by the independent draws behind it (tokens of one
+    # sequence are not independent): a verdict is sure only when the whole sampling band
+    # (stats.directions_band) is below its threshold; a count inside the band is at most an info
+    low, high = worst.directions_band or (worst.directions, worst.directions)
+    if positions_collapsed or high <= opt["error_directions"]:
         severity = "error"
-    elif worst.directions <= opt["warn_directions"] and lost >= opt["min_drop"]:
+    elif high <= opt["warn_directions"]:
         severity = "warning"
     else:
-        return
+        severity = "info"
     plain = not ctx.architecture.joins
     fix = ("add residual connections with normalization in the branch" if plain else
            "normalize inside the residual branches (BatchNorm/LayerNorm) so the skip keeps the signal's directions")
-    yield HC203.finding(
-        severity,
-        f"the representation collapses to {worst.directions:.2g} direction(s) of variance at {worst.id} "
-        f"(from {first:.3g} at the first {_unit(ctx)}): inputs become indistinguishable",
-        _where(worst),
-        {"first_directions": first, "worst_directions": worst.directions, "worst_normalized": worst.effective_rank,
-         "last_normalized": points[-1].effective_rank},
-        (fix, None),
-    )
+    evidence = {"first_directions": first, "worst_directions": worst.directions, "worst_normalized": worst.effective_rank,
+                "last_normalized": points[-1].effective_rank, "band": [low, high]}
+    if worst.within_share is not None:
+        evidence["within_share"] = worst.within_share
+    message = (f"the representation collapses to {worst.directions:.2g} direction(s) of variance at {worst.id} "
+               f"(from {first:.3g} at the first {_unit(ctx)}; sampling band {low:.2g}–{high:.3g}): ")
+    if positions_collapsed:
+        message += (f"the positions of each input (tokens, pixels) fall onto one vector, {worst.within_share:.2g} of "
+                    f"the variance is left between them (from {first_within:.2g}): they become indistinguishable")
+    elif severity == "info":
+        # how many independent vectors this sample had, by inverting high = d/(1 − √(d/m))²
+        d = max(worst.directions, 1.0)
+        draws = d / (1 - math.sqrt(d / high)) ** 2 if high > d else d
+        needed = _draws_needed(d, opt["warn_directions"])
+        evidence.update(uncertain=True, draws=draws, draws_needed=needed)
+        message += (f"uncertain: about {draws:.0f} independent vector(s) behind this count (the tokens or pixels of "
+                    f"one input are alike) could hide up to {high:.3g} directions; an example with more inputs (a "
+                    "larger batch) settles it")
+        if needed < 1e4:
+            message += f" (a collapse this deep is sure from about {needed:.0f} independent vectors)"
+    else:
+        message += "inputs become indistinguishable"
+    yield HC203.finding(severity, message, _where(worst), evidence, (fix, None))
 
 
 HC203 = register(Rule(
@@ -176,7 +269,13 @@ HC203 = register(Rule(
          "position) at every point, and reports when, in the later half of the network, it falls to "
          "`warn_directions` or fewer directions after dropping `min_drop`× from the first point, both in "
          "directions and as a fraction of what the point can carry (min(channels, vectors)), so that a "
-         "narrow layer such as a 4-class head is not taken for a collapse.",
+         "narrow layer such as a 4-class head is not taken for a collapse. The count is biased low and bounded "
+         "by the independent draws behind it (tokens of one sequence are alike), so the severity follows the "
+         "sampling band: error only when the whole band is at most `error_directions`, warning when it is at "
+         "most `warn_directions`, else an info that says the verdict is uncertain and how many more inputs make "
+         "it sure. Also an error when the positions of each input (tokens, pixels) collapse onto one vector: "
+         "at most `within_collapse` of the variance left between them, a ratio of traces that is sure at "
+         "any batch.",
     why="When the effective rank approaches 1, all inputs map onto one line: the network cannot tell inputs "
         "apart and training starts from a degenerate representation. Deep plain stacks without BN and "
         "attention-only stacks without skips (rank collapse, doubly exponential in depth) do this; "
@@ -191,7 +290,8 @@ model = nn.Sequential(*[ResidualBlock(256, norm=nn.BatchNorm1d) for _ in range(2
 """,
     fix_summary="Add skips with normalization in the branch",
     transform=None, fix_safety="unsafe",
-    options={"warn_directions": 3.0, "error_directions": 2.0, "min_drop": 3.0}, check=_hc203,
+    options={"warn_directions": 3.0, "error_directions": 2.0, "min_drop": 3.0, "within_collapse": 0.01},
+    check=_hc203,
 ))
 
 
@@ -290,12 +390,18 @@ def forward(self, x):
 ))
 
 
+def gradient_trend(ctx: RuleContext) -> tuple[Any, list[list[Any]]]:
+    """The fitted per-point change of the scale-corrected gradient along the residual stream, per stack."""
+    groups = stream_points(ctx)
+    return trend(groups, relative_gradient), groups
+
+
 def _gradient(ctx: RuleContext, opt: dict[str, Any], vanishing: bool) -> Iterator[Finding]:
-    points = [p for p in _profile(ctx) if p.grad_rms is not None]
-    if len(points) < opt["min_points"] or points[0].grad_rms <= 0 or points[-1].grad_rms <= 0:
+    fit, groups = gradient_trend(ctx)
+    if fit is None or fit.points < opt["min_points"]:
         return
-    growth = points[0].grad_rms / points[-1].grad_rms  # going backwards: first point vs last
-    per_point = growth ** (1 / (len(points) - 1))
+    backwards = 1 / fit.per_point  # going backwards: each point's gradient relative to the next one's
+    growth = 1 / fit.total  # first point of every stack relative to its last, chained over the stacks
     measure = 1 / growth if vanishing else growth
     if measure >= opt["error_total"]:
         severity = "error"
@@ -316,13 +422,16 @@ def _gradient(ctx: RuleContext, opt: dict[str, Any], vanishing: bool) -> Iterato
         fix, transform = "scale each join by 1/√2 or normalize inside the branch", "scale_joins"
     else:
         fix, transform = "zero-init the last normalization gain of each residual branch", "zero_init_gains"
+    stream = [p for g in groups for p in g if relative_gradient(p) is not None]
+    where = f" ({fit.stacks} stacks, fitted separately)" if fit.stacks > 1 else ""
     yield rule.finding(
         severity,
-        f"gradients {direction} ×{per_point:.3g} per {unit} going backwards: ‖∂L/∂y‖ (RMS) is ×{growth:.3g} at the "
-        f"first {unit} relative to the last",
-        _where(points[0]),
-        {"first_grad_rms": points[0].grad_rms, "last_grad_rms": points[-1].grad_rms, "ratio": growth,
-         "ratio_per_point": per_point, "points": len(points)},
+        f"gradients {direction} ×{backwards:.3g} per {unit} going backwards along the residual stream{where}: "
+        f"‖∂L/∂y‖·rms(y) is ×{growth:.3g} at the first {unit} relative to the last (fitted over {fit.points})",
+        _where(stream[0]),
+        {"first_grad_rms": stream[0].grad_rms, "last_grad_rms": stream[-1].grad_rms, "ratio": growth,
+         "ratio_per_point": backwards, "points": fit.points, "steps": fit.steps, "stacks": fit.stacks,
+         "scale_corrected": True},
         (fix, transform),
     )
 
@@ -338,8 +447,12 @@ def _hc302(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
 HC301 = register(Rule(
     code="HC301", name="exploding-gradients",
     summary="Gradients grow exponentially going backwards",
-    what="Backpropagates the loss (or a fixed random projection of the output) on the example batch at init "
-         "and compares the gradient RMS ‖∂L/∂y‖/√n at the first and last points; reports at `warn_total`.",
+    what="Backpropagates the loss (or a fixed random projection of the output) on the example batch at init, "
+         "takes the gradient RMS ‖∂L/∂y‖/√n at every point of the residual stream scaled by the activation's "
+         "own RMS (‖∂L/∂y‖·rms(y): what sets a layer's relative update ‖∂L/∂W‖/‖W‖, and blind to a change of "
+         "activation scale between stages), fits its log against depth per stack (as HC201) and reports when "
+         "the fitted change from the last point back to the first reaches `warn_total`. Points inside a "
+         "branch and readout stacks of another size (a class token) are not on the stream.",
     why="If early layers receive gradients orders of magnitude larger than late ones, no single learning rate "
         "suits both: early layers diverge or late layers do not learn. A plain BN-ReLU stack multiplies the "
         "gradient by √(π/(π−1)) ≈ 1.21 per layer; residual blocks without normalization by ≈1.19 per layer.",
@@ -358,7 +471,8 @@ model = nn.Sequential(*[ResidualBlock(256, norm=nn.BatchNorm1d) for _ in range(2
 HC302 = register(Rule(
     code="HC302", name="vanishing-gradients",
     summary="Gradients shrink exponentially going backwards",
-    what="Like HC301, for gradients that are `warn_total`× smaller at the first point than at the last.",
+    what="Like HC301, for scale-corrected gradients that the fit along the stream makes `warn_total`× smaller "
+         "at the first point than at the last.",
     why="Early layers that receive almost no gradient do not learn; the network trains as if it were shallow. "
         "Plain stacks with a too-small init, attention-only stacks without skips and deep Post-LN transformers "
         "show it.",
@@ -381,21 +495,25 @@ def _hc303(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
         return
     corr = m.grad_correlation
     plain = not ctx.architecture.joins
-    if corr < opt["error_correlation"] and plain:
+    # White-noise gradients give 0 ± noise on this line (noise from its points and input size): a
+    # reading is a verdict only when it is below the threshold by two noise s.d.
+    noise = m.grad_correlation_noise or 0.0
+    if corr + 2 * noise < opt["error_correlation"] and plain:
         severity = "error"
-    elif corr < opt["warn_correlation"]:
+    elif corr + 2 * noise < opt["warn_correlation"]:
         severity = "warning"
     else:
         return
     fix = ("add skip connections (with BN in the branch)" if plain else
            "zero-init the last normalization gain of each residual branch so blocks start as the identity")
     points = _profile(ctx)
+    line = f"{m.line_points} " if m.line_points else ""
     yield HC303.finding(
         severity,
-        f"gradients are shattered: the input gradients at neighbouring inputs (2% of the input's norm apart) "
+        f"gradients are shattered: the input gradients at {line}neighbouring inputs (2% of the input's norm apart) "
         f"have correlation {corr:.3g}",
         _where(points[-1]) if points else Location("(root)"),
-        {"grad_correlation": corr, "plain_stack": plain},
+        {"grad_correlation": corr, "plain_stack": plain, "line_points": m.line_points, "noise": noise},
         (fix, None if plain else "zero_init_gains"),
     )
 
@@ -403,13 +521,21 @@ def _hc303(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
 HC303 = register(Rule(
     code="HC303", name="shattered-gradients",
     summary="Gradients at neighbouring inputs are uncorrelated (shattered)",
-    what="Computes the input gradients at points along a short line through the first example input (each "
-         "point 2% of the input's norm from the next, BatchNorm using the real batch's statistics) and "
-         "reports when the mean correlation between neighbours is below `warn_correlation` (an error in "
-         "plain stacks below `error_correlation`).",
+    what="Computes the input gradients at 24 points along a line through the first example input (each "
+         "point 2% of the input's norm from the next; for token inputs, through its embedding; every other "
+         "input shared by all points; BatchNorm using the real batch's statistics; dropout, drop-path and "
+         "random ops neutral) and reports when the mean correlation between neighbours is below "
+         "`warn_correlation`, an error in plain stacks below `error_correlation` (by two s.d. of the noise "
+         "that white-noise gradients give on that line). An exactly linear gradient field scores 0.99 on 24 "
+         "points. Measured at batch 4 and 16: 2-layer ReLU MLPs 0.87, resnet18 0.66-0.82, VGG-16/19-BN "
+         "0.41/0.27, deep plain ReLU stacks without norm 0.56-0.88, transformers 0.98; plain BN MLP stacks "
+         "of 24-48 layers -0.10 to 0.22 (below 0.1 from batch 8); torchvision resnet50 and Inception-v3 "
+         "at their default init -0.03 (0.80 with zero-initialized last BN gains).",
     why="In deep plain networks the gradient changes completely between nearby inputs — it looks like white "
         "noise — so gradient steps stop generalizing across examples and training is badly behaved. "
-        "Correlation decays like 2^−depth without skips and like 1/√depth with them.",
+        "Correlation decays like 2^−depth without skips and like 1/√depth with them (measured: plain BN stacks "
+        "shatter by 24 layers; ReLU stacks without norm at He init stay correlated, being critical rather "
+        "than chaotic).",
     source="science.md, Predictions: 'deep plain ReLU stack' row (seed 001; Balduzzi et al. 2017).",
     bad_example="""
 model = nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU()) for _ in range(32)])
@@ -419,5 +545,5 @@ model = nn.Sequential(*[ResidualBlock(256, norm=nn.BatchNorm1d) for _ in range(1
 """,
     fix_summary="Add skip connections with BN in the branch",
     transform=None, fix_safety="unsafe",
-    options={"warn_correlation": 0.05, "error_correlation": 0.05}, check=_hc303,
+    options={"warn_correlation": 0.05, "error_correlation": 0.1}, check=_hc303,
 ))

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from healthcheck.graph.joins import Join
-from healthcheck.records import Finding, Location
+from healthcheck.records import SEVERITIES, Finding, Location
 from healthcheck.rules.registry import Rule, RuleContext, register
+from healthcheck.rules.stream import (
+    exponential_rate,
+    growth_is_linear,
+    relative_gradient,
+    series_depth,
+    stacks,
+    stream_ids,
+    stream_points,
+    trend,
+    with_entry,
+)
+
+#: when the probes ran, the measured per-block variance growth (exponential fit along the stream) that
+#: confirms HC101 as a warning or an error (the same thresholds as HC201)
+_MEASURED_GROWTH = {"warn_ratio": 1.15, "warn_total": 100.0, "error_ratio": 1.3, "error_total": 1000.0}
 
 
 def short_source(source: str | None) -> str:
@@ -38,30 +54,83 @@ def _severity(count: int, warn_at: int, error_at: int) -> str | None:
     return None
 
 
+def _capped(severity: str | None, ctx: RuleContext) -> str | None:
+    """A structural prediction alone (no probes) is at most a warning."""
+    return "warning" if severity == "error" and ctx.measurements is None else severity
+
+
+def _measured_variance(ctx: RuleContext) -> tuple[Any, bool]:
+    """The fitted per-block variance change along the residual stream and whether it is exponential."""
+    groups = with_entry(stream_points(ctx))
+    fit = exponential_rate(groups, lambda p: p.var)
+    return fit, fit is not None and not growth_is_linear(groups, lambda p: p.var)
+
+
 def _hc101(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
+    on_stream = stream_ids(ctx.architecture)
     bare = [j for j in ctx.architecture.joins
-            if j.kind == "add" and j.norm == "none" and j.scale is None and not j.learnable_gain]
-    severity = _severity(len(bare), opt["warn_joins"], opt["error_joins"])
+            if j.kind == "add" and j.norm == "none" and j.scale is None and not j.learnable_gain and j.id in on_stream]
+    in_series = series_depth(ctx.architecture, (j.id for j in bare))
+    severity = _severity(in_series, opt["warn_joins"], opt["error_joins"])
     if severity is None:
         return
-    growth = 2.0 ** len(bare)
+    evidence: dict[str, Any] = {"joins_in_model": len(bare), "joins_in_series": in_series}
+    if ctx.measurements is None:
+        # the prediction of seed 001 for a variance-preserving branch: r = 1, var doubles per block
+        growth = 2.0 ** in_series
+        claim = f"variance doubles per block (predicted, not measured: ×{growth:.3g} over {in_series} joins in series)"
+        evidence.update(predicted_variance_growth=growth, predicted_ratio_per_block=2.0, measured=False)
+        severity = _capped(severity, ctx)
+    else:
+        ids = {j.id for j in bare}
+        ratios = [p.residual_ratio for p in ctx.measurements.profile if p.id in ids and p.residual_ratio is not None]
+        per_block = math.exp(sum(math.log1p(max(r, 0.0)) for r in ratios) / len(ratios)) if ratios else 2.0
+        growth = per_block ** in_series
+        fit, exponential = _measured_variance(ctx)
+        measured_per_block = fit.per_point if fit is not None else 1.0
+        measured_total = fit.total if fit is not None else 1.0
+        evidence.update(predicted_variance_growth=growth, predicted_ratio_per_block=per_block,
+                        measured_ratio_per_block=measured_per_block, measured_variance_growth=measured_total,
+                        measured_exponential=exponential, measured=True)
+        # the measured profile decides: the prediction assumes branches as large as the skip, which
+        # small default-init branches, zero-initialized last layers and identity-at-init branches are not
+        if exponential and measured_per_block >= opt["error_ratio"] and measured_total >= opt["error_total"]:
+            confirmed = "error"
+        elif exponential and measured_per_block >= opt["warn_ratio"] and measured_total >= opt["warn_total"]:
+            confirmed = "warning"
+        else:
+            confirmed = "info"
+        severity = _weaker(severity, confirmed)
+        claim = (f"branches measure r = E[f²]/E[x²] ≈ {per_block - 1:.2g}, so variance grows ×{per_block:.3g} per "
+                 f"block (×{growth:.3g} over {in_series} joins in series); measured: ×{measured_per_block:.3g} per "
+                 f"block{'' if exponential else ', not exponential'}")
     for group in by_source(bare):
         yield HC101.finding(
             severity,
             f"{len(group)} residual join(s) at {short_source(group[0].source)} add the branch to the skip with no "
-            f"normalization and no scaling: variance doubles per block, ×{growth:.3g} over the model's "
-            f"{len(bare)} such joins",
+            f"normalization and no scaling: {claim}",
             Location(group[0].module, group[0].source),
-            _join_evidence(group, joins_in_model=len(bare), predicted_variance_growth=growth,
-                           predicted_ratio_per_block=2.0),
+            _join_evidence(group, **evidence),
         )
+
+
+def _weaker(a: str, b: str) -> str:
+    """The less severe of two severities."""
+    return max(a, b, key=SEVERITIES.index)
 
 
 HC101 = register(Rule(
     code="HC101", name="unnormalized-residual-join",
     summary="Residual join with no normalization and no scaling",
-    what="Finds residual adds `y = x + f(x)` where the branch f has no normalization layer, the sum is "
-         "not scaled (e.g. by 1/√2) and the branch has no learnable gain (SkipInit, ReZero, LayerScale).",
+    what="Finds residual adds `y = x + f(x)` on the residual stream where the branch f has no normalization "
+         "layer, the sum is not scaled (e.g. by 1/√2) and the branch has no learnable gain (SkipInit, ReZero, "
+         "LayerScale), and counts the longest chain of them in series (parallel joins and joins inside another "
+         "join's branch do not compound). From the structure alone (`--no-probes`) the doubling is a "
+         "prediction: at most a warning. When the probes ran, the measured residual ratio r = E[f²]/E[x²] gives "
+         "the predicted growth (1 + r per block) and the measured profile decides the severity: an error only "
+         "where E[y²] measurably grows exponentially by at least `error_ratio` per block and `error_total` in "
+         "all (as HC201), a warning at `warn_ratio`/`warn_total`, otherwise info (small default-init branches, "
+         "a zero-initialized last layer, a branch that is the identity at init).",
     why="At He initialization a variance-preserving branch adds as much variance as the skip carries, so "
         "var(y) ≈ 2·var(x): the activations double at every block and grow like 2^L over L blocks; the "
         "gradients grow the same way going backwards. Deep stacks of such blocks overflow or train "
@@ -83,7 +152,7 @@ class Block(nn.Module):
                 "branch's last gain (SkipInit / Fixup)",
     transform="scale_joins",
     fix_safety="unsafe",
-    options={"warn_joins": 2, "error_joins": 8},
+    options={"warn_joins": 2, "error_joins": 8, **_MEASURED_GROWTH},
     check=_hc101,
 ))
 
@@ -137,14 +206,37 @@ def _hc103(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     severity = _severity(len(post), opt["warn_joins"], opt["error_joins"])
     if severity is None:
         return
+    evidence: dict[str, Any] = {"joins_in_model": len(post)}
+    claim = "last-layer gradients are large at init (predicted, not measured) and training needs learning-rate warm-up"
+    if ctx.measurements is None:
+        severity = _capped(severity, ctx)
+    else:
+        # Xiong et al. 2020: under Post-LN the gradient grows towards the output. Measure it on the
+        # post-norm joins, per stack, scale-corrected; a flat profile does not confirm the prediction
+        ids = {j.id for j in post}
+        fit = trend(stacks(ctx.measurements.profile, keep=lambda p: p.id in ids), relative_gradient)
+        towards_output = fit.total if fit is not None else 1.0
+        evidence.update(measured_gradient_ratio=towards_output, measured=fit is not None)
+        if towards_output >= opt["error_gradient_ratio"]:
+            confirmed = "error"
+        elif towards_output >= opt["warn_gradient_ratio"]:
+            confirmed = "warning"
+        else:
+            # flat at init does not refute the need for a warm-up, which is about the optimizer: 24- and
+            # 48-join Post-LN stacks train with Adam and not with SGD at lr 0.05 (benchmarks/rule_judgements.md)
+            confirmed = "warning"
+        severity = _weaker(severity, confirmed)
+        claim = (f"measured gradients (‖∂L/∂y‖·rms(y)) are ×{towards_output:.3g} larger at the last such join than "
+                 "at the first" + ("; large last-layer gradients make training need learning-rate warm-up"
+                                   if towards_output >= opt["warn_gradient_ratio"] else ", so the deep Post-LN "
+                                   "gradient imbalance is not there at init (a warm-up is still the safe default)"))
     for group in by_source(post):
         yield HC103.finding(
             severity,
             f"{len(group)} residual join(s) at {short_source(group[0].source)} normalize after the add "
-            f"(Post-LN) in a stack of {len(post)} such joins: last-layer gradients are large at init and "
-            "training needs learning-rate warm-up",
+            f"(Post-LN) in a stack of {len(post)} such joins: {claim}",
             Location(group[0].module, group[0].source),
-            _join_evidence(group, joins_in_model=len(post)),
+            _join_evidence(group, **evidence),
         )
 
 
@@ -152,7 +244,12 @@ HC103 = register(Rule(
     code="HC103", name="post-norm-at-depth",
     summary="Normalization after the residual add (Post-LN) in a deep stack",
     what="Finds residual joins whose output goes straight into a normalization layer (`LN(x + f(x))`, "
-         "the original Transformer and BERT ordering) when the model has at least `warn_joins` of them.",
+         "the original Transformer and BERT ordering) when the model has at least `warn_joins` of them. From "
+         "the structure alone it is at most a warning. When the probes ran, the scale-corrected gradient "
+         "‖∂L/∂y‖·rms(y) is fitted along the post-norm joins (per stack): the finding is an error (at "
+         "`error_joins`) only when the last join's gradient is `error_gradient_ratio`× the first's, a warning "
+         "at `warn_gradient_ratio`× or when the measured gradients are flat: a need for warm-up is about the "
+         "optimizer, which init-time probes cannot refute.",
     why="With Post-LN the normalization sits on the trunk, so gradients to early layers must pass every "
         "LayerNorm; at initialization the expected gradient of the last layers' parameters is large and "
         "grows with depth, and deep Post-LN stacks diverge without a careful learning-rate warm-up. Pre-LN "
@@ -173,9 +270,26 @@ def forward(self, x):
                 "use DeepNorm-style scaled skips; otherwise keep a learning-rate warm-up",
     transform="pre_ln",
     fix_safety="unsafe",
-    options={"warn_joins": 12, "error_joins": 48},
+    options={"warn_joins": 12, "error_joins": 48, "warn_gradient_ratio": 3.0, "error_gradient_ratio": 10.0},
     check=_hc103,
 ))
+
+
+def _plain_stack_confirmed(ctx: RuleContext, opt: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """What the probes say about the predicted plain-stack pathologies: "error" when one of them is
+    measured, else "warning"; and the numbers (gradient imbalance, sensitivity χ, directions of variance)."""
+    m = ctx.measurements
+    fit = trend(stream_points(ctx), relative_gradient)
+    imbalance = max(fit.total, 1 / fit.total) if fit is not None else 1.0
+    chi = max((p.sensitivity for p in m.profile if p.sensitivity is not None), default=1.0)
+    ranked = [p for p in m.profile if p.directions is not None and p.rank_size > 1]
+    directions = min((p.directions for p in ranked[len(ranked) // 2:]), default=None)
+    dropped = ranked and directions is not None and ranked[0].directions >= 3 * max(directions, 1e-12)
+    numbers = {"measured_gradient_imbalance": imbalance, "measured_max_sensitivity": chi,
+               "measured_min_directions": directions}
+    if imbalance >= opt["error_total"] or chi >= opt["error_total"] or (dropped and directions <= 2):
+        return "error", numbers
+    return "warning", numbers
 
 
 def _hc104(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
@@ -191,6 +305,18 @@ def _hc104(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
                        "the run) and sensitivity to input noise grows exponentially")
     else:
         consequence = "without normalization the signal collapses towards one direction and gradients shatter"
+    if ctx.measurements is None:
+        severity = _capped(severity, ctx)
+        consequence += " (predicted, not measured)"
+    else:
+        confirmed, numbers = _plain_stack_confirmed(ctx, opt)
+        evidence.update(numbers, measured=True)
+        # not confirmed at init: at most a warning (the optimizer can still fail a very deep plain
+        # stack, e.g. by killing its ReLUs in the first steps)
+        severity = _weaker(severity, confirmed)
+        if confirmed != "error":
+            consequence += (f"; not confirmed at init (gradient imbalance ×{numbers['measured_gradient_imbalance']:.3g}, "
+                            f"χ ≤ {numbers['measured_max_sensitivity']:.3g})")
     yield HC104.finding(
         severity,
         f"{arch.plain_depth} weight layers in a row with no residual connection: {consequence}",
@@ -203,7 +329,10 @@ HC104 = register(Rule(
     code="HC104", name="deep-plain-stack",
     summary="Deep stack of layers with no skip connection",
     what="Measures the longest run of weight layers (conv, linear, attention) that no residual join "
-         "bypasses and reports it when it reaches `warn_depth`.",
+         "bypasses and reports it when it reaches `warn_depth`. From the structure alone it is at most a "
+         "warning; when the probes ran, an error (at `error_depth`) needs a measured pathology — gradient "
+         "imbalance along the stack or sensitivity χ of `error_total`, or a collapse to ≤ 2 directions — and a "
+         "warning otherwise.",
     why="Without skips, every layer multiplies the backward signal by its Jacobian. With BatchNorm the "
         "gradient norm grows by √(π/(π−1)) ≈ 1.21 per layer going backwards and the network's "
         "sensitivity to small input changes grows exponentially (SNR pathology); without normalization "
@@ -226,7 +355,7 @@ model = nn.Sequential(*[Block() for _ in range(20)])
     fix_summary="Add residual connections (with normalization in the branch) around groups of layers",
     transform=None,
     fix_safety="unsafe",
-    options={"warn_depth": 20, "error_depth": 50},
+    options={"warn_depth": 20, "error_depth": 50, "error_total": 1000.0},
     check=_hc104,
 ))
 

@@ -14,9 +14,32 @@ def _sample(ctx: RuleContext) -> Any:
     return ctx.training
 
 
+#: under a GradScaler: a scale below MIN_LOSS_SCALE means gradients overflow even unscaled (error); a
+#: scale that fell at FALLING_SCALE_SAMPLES samples in a row to below FALLING_SCALE_FLOOR means they
+#: overflow on step after step (warning). A skipped overflow step alone, or a scale settling from a
+#: high start (2^24 → 2^17), is the scaler working as designed, not a finding.
+MIN_LOSS_SCALE = 1.0
+FALLING_SCALE_SAMPLES = 4
+FALLING_SCALE_FLOOR = 2.0**8
+
+
 def _hc401(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     sample = _sample(ctx)
-    if sample is None or not sample.nonfinite:
+    if sample is None:
+        return
+    scale = getattr(sample, "loss_scale", None)
+    if not sample.nonfinite and scale is not None:
+        falls = getattr(sample, "loss_scale_falls", 0)
+        if scale < MIN_LOSS_SCALE or (falls >= FALLING_SCALE_SAMPLES and scale < FALLING_SCALE_FLOOR):
+            yield HC401.finding(
+                "error" if scale < MIN_LOSS_SCALE else "warning",
+                f"the GradScaler's loss scale keeps falling ({scale:.3g} at step {sample.step}, lower at "
+                f"{falls} samples in a row): gradients overflow to Inf/NaN on step after step and the "
+                f"optimizer skips those steps",
+                Location("(root)"), {"loss_scale": scale, "falls": falls, "step": sample.step},
+            )
+        return
+    if not sample.nonfinite:
         return
     yield HC401.finding(
         "error",
