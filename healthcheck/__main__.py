@@ -1,3 +1,3 @@
-from healthcheck.cli import main
+from healthcheck.cli import entry_point
 
-main()
+entry_point()

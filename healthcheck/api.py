@@ -131,7 +131,7 @@ def load_file(spec: str, config: Config, device: str | torch.device = "cpu") -> 
 
     target_device = resolve_device(device)
     with torch.random.fork_rng(devices=[]):  # seeded, reproducible init; the caller's RNG untouched
-        torch.manual_seed(config.seed)
+        torch.default_generator.manual_seed(config.seed)  # not torch.manual_seed: it also queues a CUDA seed
         target = load_target(spec, config.input_shapes, config.seed)
     model = target.model.to(target_device)
     args, kwargs = to_device(target.args, target_device), to_device(target.kwargs, target_device)

@@ -74,10 +74,6 @@ def main() -> None:
     """
 
 
-def _split_codes(value: str | None) -> tuple[str, ...] | None:
-    return None if value is None else tuple(c.strip().upper() for c in value.split(",") if c.strip())
-
-
 #: seconds one model file may take (import, construction, trace, probes, fixes): generous, a hang guard
 DEFAULT_TIMEOUT = 1200.0
 
@@ -413,3 +409,11 @@ def list_rules() -> None:
 
     for code in sorted(REGISTRY):
         click.echo(f"{code}  {REGISTRY[code].name:<30} {REGISTRY[code].summary}")
+
+
+def entry_point() -> None:
+    """The `healthcheck` console script and `python -m healthcheck`."""
+    from healthcheck.isolate import mark_entry_point
+
+    mark_entry_point()
+    main()

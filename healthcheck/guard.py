@@ -109,13 +109,15 @@ def _take(model: nn.Module) -> _Snapshot:
                 for t in _tensors_in(value, _CONTAINER_DEPTH):
                     tensors.setdefault(id(t), t)
     tensor_states = [_tensor_state(t) for t in tensors.values()]
-    for state in tensor_states:  # nothing inside may accumulate into the user's .grad objects
-        if state.grad is not None:
-            state.tensor.grad = None
     module_globals = vars(nn.modules.module)
     global_hooks = [(module_globals[n], dict(module_globals[n])) for n in _GLOBAL_HOOK_DICTS
                     if isinstance(module_globals.get(n), dict)]
-    return _Snapshot(modules, tensor_states, global_hooks, _rng_state(), torch.is_grad_enabled())
+    snapshot = _Snapshot(modules, tensor_states, global_hooks, _rng_state(), torch.is_grad_enabled())
+    # last, once nothing above can fail and lose them: nothing inside may accumulate into the user's .grad
+    for state in tensor_states:
+        if state.grad is not None:
+            state.tensor.grad = None
+    return snapshot
 
 
 def _module_state(module: nn.Module) -> _ModuleState:

@@ -56,6 +56,20 @@ class Outcome:
     noise: str = ""  # what torch and C++ code wrote to stderr meanwhile
 
 
+# True when the healthcheck command itself started this process (the console script, `python -m
+# healthcheck`): then no torch op has run here before the first fork. Otherwise (CliRunner, a sweep
+# worker, a notebook) the caller may already have used OpenMP's thread pool, which a forked child
+# cannot use (libgomp's workers do not survive fork, and the child's first parallel op hangs), so the
+# child computes on one thread, as torch's DataLoader workers do.
+_ENTRY_POINT = False
+
+
+def mark_entry_point() -> None:
+    """Called by the command-line entry points before anything runs torch."""
+    global _ENTRY_POINT
+    _ENTRY_POINT = True
+
+
 def can_fork() -> bool:
     """Fork where it is safe for torch: Linux, and CUDA not yet initialized in this process."""
     if sys.platform != "linux" or not hasattr(os, "fork"):
@@ -233,6 +247,9 @@ def _in_child(function: Callable[..., Any], args: tuple, timeout: float | None, 
         code = 0
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+            torch = sys.modules.get("torch")
+            if torch is not None and not _ENTRY_POINT:
+                torch.set_num_threads(1)  # see _ENTRY_POINT
             _die_with_parent()
             outcome = _call(function, args, noise_path)
             try:

@@ -158,6 +158,10 @@ def test_plain_stack_is_profiled_per_layer_like_check(tmp_path):
     assert [p.var for p in first.profile] == pytest.approx([p.var for p in expected.profile], rel=1e-5)
     assert [p.effective_rank for p in first.profile] == pytest.approx([p.effective_rank for p in expected.profile],
                                                                        rel=1e-5)
+    # the rank's sampling band (HC203 reads it) reaches the monitor's points as it does check's
+    assert all(p.directions_band is not None for p in first.profile)
+    assert [b for p in first.profile for b in p.directions_band] == pytest.approx(
+        [b for p in expected.profile for b in p.directions_band], rel=1e-4)
     assert len(monitor.history[1].measurements.profile) == 4
     assert [e.step for e in events(tmp_path).Scalars("health/var/root")] == [0, 2]
 

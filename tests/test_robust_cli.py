@@ -427,3 +427,25 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
         proc.kill()
     assert proc.returncode == 130
     assert [line for line in err.splitlines() if line.strip()] == ["healthcheck: interrupted"]
+
+
+def test_in_process_cli_after_multithreaded_torch_work_does_not_hang(tmp_path):
+    """A caller that already ran a parallel torch op (a notebook, CliRunner inside pytest) has an OpenMP
+    thread pool that a forked child cannot use: the child's first parallel op would hang until --timeout."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = torch.randn(512, 512)
+        (a @ a).sum()  # start the OpenMP pool in this process
+        path = tmp_path / "wide.py"
+        path.write_text("import torch\nfrom torch import nn\n"
+                        "model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))\n"
+                        "example_input = torch.randn(64, 512)\n")
+        started = time.perf_counter()
+        code, out, err = run(str(path), "--timeout", "60", "--format", "json")
+        assert code in (0, 1), err  # a hang would be exit 2, "timed out"
+        measurements = json.loads(out)["measurements"]
+        assert measurements["profile"], measurements
+        assert time.perf_counter() - started < 60
+    finally:
+        torch.set_num_threads(threads)

@@ -308,3 +308,24 @@ def test_post_ln_is_not_an_error_when_the_measured_gradients_are_flat():
     ratio = finding.evidence["measured_gradient_ratio"]
     assert math.isfinite(ratio) and ratio < 3 and finding.severity == "warning", (ratio, finding.message)
     assert "not there at init" in finding.message
+
+
+class TrainModeFails(nn.Module):
+    """Bare He-init blocks whose forward raises in train mode only: the structure traces (eval mode), the
+    probes (train mode) cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = stack(Bare, 12, "he")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError("no training forward")
+        return self.blocks(x)
+
+
+def test_a_profile_that_could_not_be_measured_never_weakens_a_structural_finding():
+    report = healthcheck.check(TrainModeFails(), x_in())
+    assert "profile" in report.measurements.failures
+    assert severities(report, "HC101") == severities(healthcheck.check(TrainModeFails(), x_in(), probes=False),
+                                                      "HC101") == {"warning"}

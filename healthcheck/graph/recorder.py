@@ -159,7 +159,12 @@ class _NeutralDraws:
         self.calls += 1
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed * 100_003 + self.calls)
+            # seed only the generators fork_rng restores: torch.manual_seed would also queue a lazy CUDA
+            # seed that replaces the user's own when CUDA is initialized later
+            seed = self.seed * 100_003 + self.calls
+            torch.default_generator.manual_seed(seed)
+            for device in devices:
+                torch.cuda.default_generators[device].manual_seed(seed)
             result = func(*args, **kwargs)
         if not isinstance(result, torch.Tensor) or isinstance(result, nn.Parameter):
             return result  # a parameter initialized in forward (LazyLinear): seeded, but a real init

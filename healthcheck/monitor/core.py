@@ -302,8 +302,11 @@ class HealthMonitor:
             node = recording.graph.nodes[index]
             sample.dead_fraction[f"{node.module or '(root)'}:{node.op}#{index}"] = \
                 1 - sum(1 for a in alive if a > 0) / max(len(alive), 1)
-        values = {(index, name): host[(keys[index], name)][0] for index in keys for name in _NAMES
-                  if (keys[index], name) in host}
+        # every statistic the observer recorded at a point (profile_points reads what it knows, so a new
+        # statistic — such as the rank's sampling band — reaches the monitor's points without a list here)
+        index_of = {key: index for index, key in keys.items()}
+        values = {(index_of[key[0]], key[1]): value[0] for key, value in host.items()
+                  if isinstance(key, tuple) and len(key) == 2 and key[0] in index_of}
         points = profile_points(recording.graph, joins, nodes, values,
                                 grad_scale=1 / self.world, ranks=self.world)
         sample.measurements = Measurements(tuple(points), None, float("nan"), "join" if at_joins else "layer")
@@ -382,10 +385,6 @@ class HealthMonitor:
         if key not in self._warned and self.rank == 0:
             self._warned.add(key)
             warnings.warn(message, HealthWarning, stacklevel=4)
-
-
-#: the per-point statistics a StatsObserver records (profile_points reads them)
-_NAMES = ("var", "numel", "rank", "participation", "rank_size", "grad_sq", "operand")
 
 
 def _below(module: str, parent: str) -> bool:

@@ -217,8 +217,17 @@ def _hc203(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
         return
     # Dong et al.'s rank collapse: the positions of each input (tokens, pixels) fall onto one vector.
     # A ratio of two traces over all n vectors: sure whatever the number of inputs
+    # It must persist through every later point that has positions (and hold at two points at least): a pooling window that covers a small
+    # map (a 3×3 average over 2×2 pixels) or a reshape that puts patches on the batch axis makes one
+    # point's positions equal without any collapse of the model, and the layers after it tell them apart.
     first_within = points[0].within_share
-    positions_collapsed = [p for p in tail if p.within_share is not None and first_within is not None
+    with_positions = [p for p in points if p.within_share is not None]
+    collapsed_from = len(with_positions)
+    while collapsed_from > 0 and with_positions[collapsed_from - 1].within_share <= opt["within_collapse"]:
+        collapsed_from -= 1
+    run = with_positions[collapsed_from:]
+    persistent = {id(p) for p in run} if len(run) >= 2 else set()  # one point alone is not a collapse
+    positions_collapsed = [p for p in tail if id(p) in persistent and first_within is not None
                            and p.within_share <= opt["within_collapse"] < first_within / opt["min_drop"]]
     worst = min(positions_collapsed or tail, key=lambda p: p.directions)
     lost = first / max(worst.directions, 1e-12)

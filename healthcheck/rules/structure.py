@@ -54,9 +54,15 @@ def _severity(count: int, warn_at: int, error_at: int) -> str | None:
     return None
 
 
+def _measured(ctx: RuleContext) -> bool:
+    """Whether the probes measured a profile: with `--no-probes`, or when the profile pass could not run
+    (`failures["profile"]`), a structural rule has only its prediction, never a weaker reading."""
+    return ctx.measurements is not None and bool(ctx.measurements.profile)
+
+
 def _capped(severity: str | None, ctx: RuleContext) -> str | None:
     """A structural prediction alone (no probes) is at most a warning."""
-    return "warning" if severity == "error" and ctx.measurements is None else severity
+    return "warning" if severity == "error" and not _measured(ctx) else severity
 
 
 def _measured_variance(ctx: RuleContext) -> tuple[Any, bool]:
@@ -75,7 +81,7 @@ def _hc101(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     if severity is None:
         return
     evidence: dict[str, Any] = {"joins_in_model": len(bare), "joins_in_series": in_series}
-    if ctx.measurements is None:
+    if not _measured(ctx):
         # the prediction of seed 001 for a variance-preserving branch: r = 1, var doubles per block
         growth = 2.0 ** in_series
         claim = f"variance doubles per block (predicted, not measured: ×{growth:.3g} over {in_series} joins in series)"
@@ -208,7 +214,7 @@ def _hc103(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
         return
     evidence: dict[str, Any] = {"joins_in_model": len(post)}
     claim = "last-layer gradients are large at init (predicted, not measured) and training needs learning-rate warm-up"
-    if ctx.measurements is None:
+    if not _measured(ctx):
         severity = _capped(severity, ctx)
     else:
         # Xiong et al. 2020: under Post-LN the gradient grows towards the output. Measure it on the
@@ -305,7 +311,7 @@ def _hc104(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
                        "the run) and sensitivity to input noise grows exponentially")
     else:
         consequence = "without normalization the signal collapses towards one direction and gradients shatter"
-    if ctx.measurements is None:
+    if not _measured(ctx):
         severity = _capped(severity, ctx)
         consequence += " (predicted, not measured)"
     else:
