@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from healthcheck.errors import UsageError
+from healthcheck.errors import UsageError, read_utf8
 
 FAIL_LEVELS = ("error", "warning", "info", "never")
 TRACES = ("auto", "fx", "export", "hooks")
@@ -210,12 +210,9 @@ def load_config(start: Path | None = None) -> Config:
     path = find_pyproject(start or Path.cwd())
     if path is None:
         return Config()
+    text = read_utf8(path, str(path), "TOML files are UTF-8")
     try:
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text; TOML files are UTF-8") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
     tool = data.get("tool", {})

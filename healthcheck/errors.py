@@ -1,5 +1,9 @@
 """Errors the user caused (bad file, bad input): one clear line, exit code 2."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 def describe(exc: BaseException) -> str:
     """'TypeName: first line of the message', for one-line reports of someone else's exception."""
@@ -20,3 +24,14 @@ class UsageError(ValueError):
     """
 
     exit_code = 2
+
+
+def read_utf8(path: Path, label: str, why_utf8: str) -> str:
+    """The text of a file the user named (a config, a baseline): one that cannot be read or is not UTF-8
+    is a UsageError that starts with `label` and ends with `why_utf8` (what the file should be)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise UsageError(f"{label}: cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{label}: not UTF-8 text; {why_utf8}") from None

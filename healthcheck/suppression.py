@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from healthcheck.errors import UsageError
+from healthcheck.errors import UsageError, read_utf8
 from healthcheck.records import SEVERITIES, Finding, Report, Suppressed
 
 IGNORE_COMMENT = re.compile(r"#\s*healthcheck:\s*ignore\b(?:\[(?P<codes>[^\]]*)\])?", re.IGNORECASE)
@@ -92,12 +92,9 @@ def load_baseline(path: str | Path) -> dict[BaselineKey, str]:
     """
     path = Path(path)
     redo = "save a baseline with --format json -o FILE"
+    text = read_utf8(path, f"--baseline {path}", f"so not a JSON report; {redo}")
     try:
-        data: Any = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise UsageError(f"--baseline {path}: cannot read it: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"--baseline {path}: not UTF-8 text, so not a JSON report; {redo}") from None
+        data: Any = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"--baseline {path}: not JSON ({exc.msg} at line {exc.lineno}); {redo}") from None
     except RecursionError:

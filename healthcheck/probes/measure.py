@@ -41,6 +41,7 @@ from healthcheck.errors import describe
 from healthcheck.graph.ir import OpNode
 from healthcheck.graph.joins import Join, find_joins
 from healthcheck.graph.recorder import record
+from healthcheck.guard import copy_inputs
 from healthcheck.probes import stats
 from healthcheck.probes.observer import StatsObserver
 from healthcheck.tensors import first_float, forward_kwargs, tensors_of
@@ -165,10 +166,9 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 def _fresh(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    """Copies of the inputs for one pass: an in-place op on its input (`x.mul_(…)`) in the model
-    changes neither the caller's tensors nor what the next pass sees."""
-    copy = lambda t: t.detach().clone()  # noqa: E731
-    return _map_tensors(args, copy), _map_tensors(kwargs, copy)
+    """Copies of the inputs for one pass (the guard's copier: mappings, named tuples, dataclasses too):
+    an in-place op on its input (`x.mul_(…)`) changes neither the caller's tensors nor the next pass."""
+    return copy_inputs((args, kwargs))
 
 
 def _with_fallbacks(run: Callable[[bool, bool], Any]) -> Any:

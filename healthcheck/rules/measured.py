@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from healthcheck.records import Finding, Location
-from healthcheck.rules.registry import Rule, RuleContext, register
+from healthcheck.rules.registry import Rule, RuleContext, register, severity_at
 from healthcheck.rules.stream import (
+    GROWTH_THRESHOLDS,
     exponential_rate,
     growth_is_linear,
     relative_gradient,
@@ -67,14 +68,11 @@ def _stem_loss(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     # what enters the first block: its skip operand (var / var_ratio at a first join), or the point itself
     entry = first.var / first.var_ratio if first.var_ratio else first.var
     drop = m.input_var / min(first.var, entry)
-    if drop >= opt["stem_error_drop"]:
-        severity = "error"
-    elif drop >= opt["stem_warn_drop"]:
-        severity = "warning"
-    elif drop >= opt["stem_info_drop"]:
-        # a normalized layer downstream rescales a small stem output: trains (benchmarks/rule_judgements.md)
-        severity = "info"
-    else:
+    # below the warning level, a normalized layer downstream rescales a small stem output: it trains
+    # (benchmarks/rule_judgements.md), so an info
+    severity = severity_at(drop, opt["stem_warn_drop"], opt["stem_error_drop"]) or (
+        "info" if drop >= opt["stem_info_drop"] else None)
+    if severity is None:
         return
     yield HC202.finding(
         severity,
@@ -136,7 +134,7 @@ def _hc202(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     yield from _variance(ctx, opt, vanishing=True)
 
 
-_VARIANCE_OPTIONS = {"warn_ratio": 1.15, "warn_total": 100.0, "error_ratio": 1.3, "error_total": 1000.0, "min_points": 4}
+_VARIANCE_OPTIONS = {**GROWTH_THRESHOLDS, "min_points": 4}
 #: HC202 only: how far the stem may lower E[y²] from the input to what enters the first point (info, warning,
 #: error); calibrated by short trainings (benchmarks/rule_judgements.md): ×2e-4 trains, ×5e-9 fails with SGD
 _STEM_OPTIONS = {"stem_info_drop": 1e3, "stem_warn_drop": 1e6, "stem_error_drop": 1e12}
@@ -310,11 +308,8 @@ def _hc204(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
         return
     worst = max(points, key=lambda p: p.sensitivity)
     chi = worst.sensitivity
-    if chi >= opt["error_chi"]:
-        severity = "error"
-    elif chi >= opt["warn_chi"]:
-        severity = "warning"
-    else:
+    severity = severity_at(chi, opt["warn_chi"], opt["error_chi"])
+    if severity is None:
         return
     growth = geometric_mean([b.sensitivity / a.sensitivity for a, b in zip(points, points[1:]) if a.sensitivity > 0])
     unit = _unit(ctx)
@@ -360,11 +355,8 @@ def _hc205(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     if len(points) < opt["min_joins"]:
         return
     median = statistics.median(p.residual_ratio for p in points)
-    if median >= opt["error_ratio"]:
-        severity = "error"
-    elif median >= opt["warn_ratio"]:
-        severity = "warning"
-    else:
+    severity = severity_at(median, opt["warn_ratio"], opt["error_ratio"])
+    if severity is None:
         return
     worst = max(points, key=lambda p: p.residual_ratio)
     yield HC205.finding(
@@ -412,11 +404,8 @@ def _gradient(ctx: RuleContext, opt: dict[str, Any], vanishing: bool) -> Iterato
     backwards = 1 / fit.per_point  # going backwards: each point's gradient relative to the next one's
     growth = 1 / fit.total  # first point of every stack relative to its last, chained over the stacks
     measure = 1 / growth if vanishing else growth
-    if measure >= opt["error_total"]:
-        severity = "error"
-    elif measure >= opt["warn_total"]:
-        severity = "warning"
-    else:
+    severity = severity_at(measure, opt["warn_total"], opt["error_total"])
+    if severity is None:
         return
     unit = _unit(ctx)
     rule = HC302 if vanishing else HC301

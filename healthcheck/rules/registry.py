@@ -64,6 +64,16 @@ class Rule:
 REGISTRY: dict[str, Rule] = {}
 
 
+def severity_at(value: float, warn_at: float, error_at: float) -> str | None:
+    """The one threshold ladder of the rules: "error" at or above `error_at`, "warning" at or above
+    `warn_at`, else None (no finding)."""
+    if value >= error_at:
+        return "error"
+    if value >= warn_at:
+        return "warning"
+    return None
+
+
 def register(rule: Rule) -> Rule:
     if rule.code in REGISTRY:
         raise ValueError(f"rule {rule.code} registered twice")

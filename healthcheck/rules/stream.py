@@ -8,7 +8,8 @@ widths, a class-attention readout on one token, and the small residuals inside a
 - the *stream* is the joins at the shallowest nesting level that has at least two of them: a join
   inside another join's branch is not in series with the blocks around it;
 - a *stack* is a run of stream points with the same tensor size and the same module prefix (the path
-  up to its first block index: `model.encoder.layers`, `stages.2.blocks`);
+  up to its first block index: `model.encoder.layers`, `stages`; the stages of a CNN then split
+  where their width changes);
 - a trend is a *pooled fit*: the slope of log(value) against position, with one intercept per stack,
   so only the steps inside a stack count.
 """
@@ -163,6 +164,18 @@ def _series(stack: list[Any], value: Value) -> list[tuple[int, float]]:
     return out
 
 
+#: thresholds on a measured variance trend, shared by HC201/HC202 and HC101's measured severity: the
+#: fitted factor per block and the change over the stream must both pass
+GROWTH_THRESHOLDS = {"warn_ratio": 1.15, "warn_total": 100.0, "error_ratio": 1.3, "error_total": 1000.0}
+
+
+def _centred(series: list[tuple[float, float]]) -> tuple[float, float, float, float]:
+    """(mean k, mean y, Σ(k − k̄)², Σ(k − k̄)(y − ȳ)) of a series of (position, value) pairs."""
+    mk = sum(k for k, _ in series) / len(series)
+    my = sum(y for _, y in series) / len(series)
+    return (mk, my, sum((k - mk) ** 2 for k, _ in series), sum((k - mk) * (y - my) for k, y in series))
+
+
 def trend(groups: Iterable[list[Any]], value: Value) -> Trend | None:
     """Pooled slope of log(value) against position, one intercept per stack (fixed effects)."""
     sxy = sxx = 0.0
@@ -171,10 +184,9 @@ def trend(groups: Iterable[list[Any]], value: Value) -> Trend | None:
         series = _series(stack, value)
         if len(series) < 2:
             continue
-        mk = sum(k for k, _ in series) / len(series)
-        my = sum(y for _, y in series) / len(series)
-        sxy += sum((k - mk) * (y - my) for k, y in series)
-        sxx += sum((k - mk) ** 2 for k, _ in series)
+        _, _, stack_sxx, stack_sxy = _centred(series)
+        sxx += stack_sxx
+        sxy += stack_sxy
         steps += series[-1][0] - series[0][0]
         used += 1
         points += len(series)
@@ -251,10 +263,8 @@ def growth_is_linear(groups: Iterable[list[Any]], value: Value) -> bool:
         series = _series(stack, value)
         if len(series) < 3:
             continue
-        mk = sum(k for k, _ in series) / len(series)
-        my = sum(y for _, y in series) / len(series)
-        sxx = sum((k - mk) ** 2 for k, _ in series)
-        slope = sum((k - mk) * (y - my) for k, y in series) / sxx if sxx > 0 else 0.0
+        mk, my, sxx, sxy = _centred(series)
+        slope = sxy / sxx if sxx > 0 else 0.0
         exponential += sum((y - my - slope * (k - mk)) ** 2 for k, y in series)
         c, d = _wls_line(series)
         for k, y in series:

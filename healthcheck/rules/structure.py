@@ -9,8 +9,9 @@ from typing import Any
 
 from healthcheck.graph.joins import Join
 from healthcheck.records import SEVERITIES, Finding, Location
-from healthcheck.rules.registry import Rule, RuleContext, register
+from healthcheck.rules.registry import Rule, RuleContext, register, severity_at
 from healthcheck.rules.stream import (
+    GROWTH_THRESHOLDS,
     exponential_rate,
     growth_is_linear,
     relative_gradient,
@@ -21,10 +22,6 @@ from healthcheck.rules.stream import (
     trend,
     with_entry,
 )
-
-#: when the probes ran, the measured per-block variance growth (exponential fit along the stream) that
-#: confirms HC101 as a warning or an error (the same thresholds as HC201)
-_MEASURED_GROWTH = {"warn_ratio": 1.15, "warn_total": 100.0, "error_ratio": 1.3, "error_total": 1000.0}
 
 
 def short_source(source: str | None) -> str:
@@ -44,14 +41,6 @@ def by_source(joins: Iterable[Join]) -> Iterator[list[Join]]:
 
 def _join_evidence(group: list[Join], **extra: Any) -> dict[str, Any]:
     return {"joins": [j.id for j in group], "count": len(group), **extra}
-
-
-def _severity(count: int, warn_at: int, error_at: int) -> str | None:
-    if count >= error_at:
-        return "error"
-    if count >= warn_at:
-        return "warning"
-    return None
 
 
 def _measured(ctx: RuleContext) -> bool:
@@ -77,7 +66,7 @@ def _hc101(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     bare = [j for j in ctx.architecture.joins
             if j.kind == "add" and j.norm == "none" and j.scale is None and not j.learnable_gain and j.id in on_stream]
     in_series = series_depth(ctx.architecture, (j.id for j in bare))
-    severity = _severity(in_series, opt["warn_joins"], opt["error_joins"])
+    severity = severity_at(in_series, opt["warn_joins"], opt["error_joins"])
     if severity is None:
         return
     evidence: dict[str, Any] = {"joins_in_model": len(bare), "joins_in_series": in_series}
@@ -158,7 +147,7 @@ class Block(nn.Module):
                 "branch's last gain (SkipInit / Fixup)",
     transform="scale_joins",
     fix_safety="unsafe",
-    options={"warn_joins": 2, "error_joins": 8, **_MEASURED_GROWTH},
+    options={"warn_joins": 2, "error_joins": 8, **GROWTH_THRESHOLDS},
     check=_hc101,
 ))
 
@@ -209,7 +198,7 @@ def forward(self, x):
 
 def _hc103(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     post = [j for j in ctx.architecture.joins if j.norm == "post"]
-    severity = _severity(len(post), opt["warn_joins"], opt["error_joins"])
+    severity = severity_at(len(post), opt["warn_joins"], opt["error_joins"])
     if severity is None:
         return
     evidence: dict[str, Any] = {"joins_in_model": len(post)}
@@ -300,7 +289,7 @@ def _plain_stack_confirmed(ctx: RuleContext, opt: dict[str, Any]) -> tuple[str, 
 
 def _hc104(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     arch = ctx.architecture
-    severity = _severity(arch.plain_depth, opt["warn_depth"], opt["error_depth"])
+    severity = severity_at(arch.plain_depth, opt["warn_depth"], opt["error_depth"])
     if severity is None:
         return
     evidence: dict[str, Any] = {"plain_depth": arch.plain_depth, "normalized": arch.has_norm}

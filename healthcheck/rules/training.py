@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from healthcheck.records import Finding, Location
-from healthcheck.rules.registry import Rule, RuleContext, register
+from healthcheck.rules.registry import Rule, RuleContext, register, severity_at
 
 
 def _sample(ctx: RuleContext) -> Any:
@@ -162,11 +162,8 @@ def _hc404(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     if sample is None or not sample.dead_fraction:
         return
     layer, fraction = max(sample.dead_fraction.items(), key=lambda kv: kv[1])
-    if fraction >= opt["error_fraction"]:
-        severity = "error"
-    elif fraction >= opt["warn_fraction"]:
-        severity = "warning"
-    else:
+    severity = severity_at(fraction, opt["warn_fraction"], opt["error_fraction"])
+    if severity is None:
         return
     dead_layers = sum(1 for v in sample.dead_fraction.values() if v >= opt["warn_fraction"])
     yield HC404.finding(
