@@ -68,6 +68,21 @@ class LayerDropNet(torch.nn.Module):
         return self.head(x)
 
 
+def train_monitored(model: torch.nn.Module, log_dir: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> HealthMonitor:
+    """SGD steps over `batches` with a monitor sampling every 2nd step; the closed monitor."""
+    monitor = HealthMonitor(model, log_dir=log_dir, every=2, snr_window=2, ranks=False, on_finding="ignore")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        monitor.step(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        monitor.after_optimizer_step()
+    monitor.close()
+    return monitor
+
+
 def diverging_graphs(log_dir: str) -> None:
     """Rank r skips block r + 1: no hang, and every rank reads the same reduced numbers."""
     dist.init_process_group("gloo")
@@ -76,17 +91,9 @@ def diverging_graphs(log_dir: str) -> None:
     net = LayerDropNet()
     net.skip = rank + 1
     model = DistributedDataParallel(net, find_unused_parameters=True)
-    monitor = HealthMonitor(model, log_dir=log_dir, every=2, snr_window=2, ranks=False, on_finding="ignore")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(rank)
-    for _ in range(5):
-        loss = F.cross_entropy(model(torch.randn(8, 16, generator=g)), torch.randint(0, 10, (8,), generator=g))
-        loss.backward()
-        monitor.step(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        monitor.after_optimizer_step()
-    monitor.close()
+    batches = [(torch.randn(8, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(5)]
+    monitor = train_monitored(model, log_dir, batches)
     samples = [{"step": s.step, "loss": s.loss, "profile": {p.id: p.var for p in s.measurements.profile},
                 "grad_rms": {p.id: p.grad_rms for p in s.measurements.profile}} for s in monitor.history]
     (Path(log_dir) / f"samples.{rank}.json").write_text(json.dumps(samples))
@@ -112,16 +119,7 @@ def main(mode: str, log_dir: str) -> None:
         per = x.shape[0] // world
         x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
         model = DistributedDataParallel(model)
-    monitor = HealthMonitor(model, log_dir=log_dir, every=2, snr_window=2, ranks=False, on_finding="ignore")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(6):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        monitor.step(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        monitor.after_optimizer_step()
-    monitor.close()
+    train_monitored(model, log_dir, [(x, y)] * 6)
     rank = dist.get_rank() if mode == "ddp" else 0
     if mode == "ddp":
         dist.barrier()  # rank 0 may still be writing events: leave together
