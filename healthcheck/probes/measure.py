@@ -175,11 +175,14 @@ def _with_fallbacks(run: Callable[[bool, bool], Any]) -> Any:
     """`run(inside, full_backward)`: first with the point at the model input and a backward pass
     restricted to the input (cheapest); then with a full `backward()` (reentrant
     `torch.utils.checkpoint` refuses `autograd.grad` and `backward(inputs=…)`); then with the point
-    inside the model (a model that sets `requires_grad` on its input). The first error if all fail."""
+    inside the model (a model that sets `requires_grad` on its input). The first error if all fail;
+    running out of memory is not retried (each fallback needs at least as much)."""
     first: Exception | None = None
     for inside, full in ((False, False), (False, True), (True, True)):
         try:
             return run(inside, full)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as exc:  # noqa: BLE001 - retried the next way
             first = first or exc
     raise first  # type: ignore[misc]
