@@ -22,6 +22,7 @@ class RuleContext:
     architecture: Any  # healthcheck.graph.architecture.Architecture
     measurements: Any = None  # healthcheck.probes.Measurements: init-time probes or a monitor sample
     training: Any = None  # healthcheck.monitor.TrainingSample, on the monitor's sampled steps
+    stability: Any = None  # healthcheck.probes.stability.Stability: output scale at init, optimizer checks
 
 
 @dataclass(frozen=True)
