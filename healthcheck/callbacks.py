@@ -27,6 +27,21 @@ def model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
+def training_optimizer(model: nn.Module, optimizers: Any) -> Any:
+    """The optimizer among a framework's `optimizers` that trains `model` (a GAN's second optimizer may
+    train another part), unwrapped from the framework's wrapper; one optimizer or spec as it is."""
+    from healthcheck.api import unwrapped_optimizer
+
+    if optimizers is None or not isinstance(optimizers, (list, tuple)):
+        return optimizers
+    own = {id(p) for p in model.parameters()}
+    for optimizer in map(unwrapped_optimizer, optimizers):
+        if isinstance(optimizer, torch.optim.Optimizer) and any(
+                id(p) in own for group in optimizer.param_groups for p in group["params"]):
+            return optimizer
+    return None
+
+
 @dataclass
 class TrainingHealth:
     """What a training callback does, framework-free.
@@ -54,10 +69,12 @@ class TrainingHealth:
             raise ValueError(f"every must be ≥ 1, not {self.every}")
 
     def check_model(self, model: nn.Module, example_inputs: Any, *, writer: Any = None,
-                    main_process: bool = True) -> Report | None:
+                    main_process: bool = True, optimizer: Any = None) -> Report | None:
         """The check before training: on the model's device, logged through `writer`, findings
         warned once (main process), `HealthError` if one is at or above `fail_on` (every process,
-        so that all ranks stop together)."""
+        so that all ranks stop together). `optimizer`: the framework's optimizer (or a list of them:
+        the first that trains `model` is used; or an OptimizerSpec) for the stability checks; it is
+        read, never stepped."""
         if not self.check:
             return None
         if example_inputs is None:
@@ -65,11 +82,18 @@ class TrainingHealth:
                 warnings.warn("healthcheck: no example input, so no check before training "
                               "(pass example_input=...)", HealthWarning, stacklevel=3)
             return None
-        from healthcheck.api import check
+        from healthcheck.api import check, optimizer_spec
 
         config = self.config or load_config(Path.cwd())
         try:
-            report = check(model, to_device(example_inputs, model_device(model)), config=config)
+            spec = optimizer_spec(model, training_optimizer(model, optimizer), config)
+        except UsageError as exc:  # an optimizer the checks cannot read: the rest of the check still runs
+            spec = None
+            if main_process:
+                warnings.warn(f"healthcheck: stability under the optimizer not assessed: {exc}", HealthWarning,
+                              stacklevel=3)
+        try:
+            report = check(model, to_device(example_inputs, model_device(model)), config=config, optimizer=spec)
         except UsageError as exc:  # a check that cannot run must not stop training: say why, go on
             if main_process:
                 warnings.warn(f"healthcheck: no check before training: {exc}", HealthWarning, stacklevel=3)

@@ -16,7 +16,7 @@ from rich.markdown import Markdown
 from rich.text import Text
 
 from healthcheck import __version__
-from healthcheck.config import FAIL_LEVELS, rule_codes
+from healthcheck.config import FAIL_LEVELS, learning_rate, momentum_value, optimizer_name, rule_codes
 from healthcheck.errors import UsageError, describe, first_line
 from healthcheck.records import Report
 from healthcheck.report import FORMATS, render
@@ -99,7 +99,19 @@ DEFAULT_TIMEOUT = 1200.0
                    "fail; new or worse ones do.")
 @click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the depth profile (each quantity against depth) and findings to TensorBoard here.")
-@click.option("--no-probes", is_flag=True, help="Structure only: skip the init-time measurements (HC2xx, HC3xx).")
+@click.option("--no-probes", is_flag=True, help="Structure only: skip the init-time measurements (HC2xx, HC3xx) "
+              "and the stability checks (HC5xx).")
+@click.option("--optimizer", default=None, metavar="NAME",
+              help="The optimizer the model will train with, for the stability checks (sharpness against its "
+                   "stability limit, a few trial steps on a copy): sgd, adam, adamw, rmsprop, nadam, radam, "
+                   "adamax or adagrad. Needs --lr. Without --optimizer or --lr the report says that stability "
+                   "under the optimizer was not assessed.")
+@click.option("--lr", type=float, default=None, metavar="FLOAT",
+              help="The learning rate the model will train at (the peak, after warm-up), e.g. 0.05; alone it "
+                   "means SGD.")
+@click.option("--momentum", type=float, default=None, metavar="FLOAT",
+              help="In [0, 1): SGD's or RMSprop's momentum [default: 0], or the Adam family's beta1 "
+                   "[default: 0.9].")
 @click.option("--fix", "apply_fix", is_flag=True,
               help="Apply each suggested fix to a copy, measure it again, and show before/after and the code change.")
 @click.option("--export", "export_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -118,8 +130,8 @@ DEFAULT_TIMEOUT = 1200.0
 @click.option("--debug", is_flag=True, help="Show the full traceback of errors.")
 def check(targets: tuple[str, ...], input_shapes: tuple[str, ...], fmt: str, outputs: tuple[Path, ...],
           fail_on: str | None, select: str | None, ignore: str | None, baseline_path: Path | None,
-          tensorboard_dir: Path | None, no_probes: bool, apply_fix: bool, export_path: Path | None,
-          trace: str | None, seed: int | None, timeout: float, device: str, color: bool | None, verbose: bool,
+          tensorboard_dir: Path | None, no_probes: bool, optimizer: str | None, lr: float | None,
+          momentum: float | None, apply_fix: bool, export_path: Path | None, trace: str | None, seed: int | None, timeout: float, device: str, color: bool | None, verbose: bool,
           debug: bool) -> None:
     """Check the model in each FILE and report the findings (the default command).
 
@@ -144,6 +156,8 @@ def check(targets: tuple[str, ...], input_shapes: tuple[str, ...], fmt: str, out
             raise UsageError("--export saves one fixed model: give one FILE")
         if apply_fix and no_probes:
             raise UsageError("--fix verifies fixes by measuring again: it cannot be used with --no-probes")
+        if no_probes and (optimizer is not None or lr is not None or momentum is not None):
+            raise UsageError("--optimizer, --lr and --momentum are for the stability checks, which --no-probes skips")
         from healthcheck.loading import parse_shape
         from healthcheck.suppression import load_baseline
 
@@ -163,7 +177,9 @@ def check(targets: tuple[str, ...], input_shapes: tuple[str, ...], fmt: str, out
         ignore_codes = None if ignore is None else rule_codes(ignore, "--ignore", allow_empty=True)
         baseline = load_baseline(baseline_path) if baseline_path is not None else None
         flags = dict(fail_on=fail_on, select=select_codes, ignore=ignore_codes, trace=trace, seed=seed,
-                     input_shapes=shapes)
+                     input_shapes=shapes, optimizer=None if optimizer is None else optimizer_name(optimizer, "--optimizer"),
+                     lr=None if lr is None else learning_rate(lr, "--lr"),
+                     momentum=None if momentum is None else momentum_value(momentum, "--momentum"))
     except UsageError as exc:
         if debug:
             err.print_exception()
@@ -320,11 +336,11 @@ def _check_selection(config: Any, no_probes: bool) -> None:
 
     # the select alone: an ignore that leaves nothing to run is explicit ("ignore HC1" with --no-probes)
     chosen = [code for code, rule in REGISTRY.items() if rule.check is not None and selected(code, config.select, ())]
-    runnable = {"structure"} | (set() if no_probes else {"probes"})
+    runnable = {"structure"} | (set() if no_probes else {"probes", "stability"})
     if not chosen or any(stage(code) in runnable for code in chosen):
         return
-    why = ("--no-probes skips the measurements they need" if all(stage(c) in ("probes", "training") for c in chosen)
-           and any(stage(c) == "probes" for c in chosen) else
+    why = ("--no-probes skips the measurements they need" if all(stage(c) != "structure" for c in chosen)
+           and any(stage(c) in ("probes", "stability") for c in chosen) else
            "HC4xx rules read training steps: they run in HealthMonitor and the training callbacks")
     raise UsageError(f"select {','.join(config.select)} chooses only rules this check cannot run ({why}); "
                      "nothing would be checked")

@@ -19,7 +19,7 @@ from healthcheck.errors import UsageError, read_utf8
 
 FAIL_LEVELS = ("error", "warning", "info", "never")
 TRACES = ("auto", "fx", "export", "hooks")
-_MODEL_KEYS = {"fail-on", "select", "ignore", "rules", "input-shape", "seed", "trace"}
+_MODEL_KEYS = {"fail-on", "select", "ignore", "rules", "input-shape", "seed", "trace", "optimizer", "lr", "momentum"}
 _KEYS = _MODEL_KEYS | {"models"}
 
 
@@ -32,6 +32,11 @@ class Config:
     input_shapes: tuple[tuple[int, ...], ...] = ()
     seed: int = 0
     trace: str = "auto"
+    #: the optimizer the model will train with, for the stability checks: a name ("sgd", "adam", …) and its
+    #: learning rate and momentum (healthcheck.probes.stability.OptimizerSpec.parse); None: not given
+    optimizer: str | None = None
+    lr: float | None = None
+    momentum: float | None = None
     #: `[tool.healthcheck.models."PATTERN"]`: field changes for the model files PATTERN matches
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: Path | None = None  # the pyproject.toml it came from
@@ -47,6 +52,12 @@ class Config:
         set_field(self, "input_shapes", input_shapes(self.input_shapes, "input_shapes", allow_empty=True))
         set_field(self, "seed", seed_value(self.seed, "seed"))
         set_field(self, "trace", trace_method(self.trace, "trace"))
+        if self.optimizer is not None:
+            set_field(self, "optimizer", optimizer_name(self.optimizer, "optimizer"))
+        if self.lr is not None:
+            set_field(self, "lr", learning_rate(self.lr, "lr"))
+        if self.momentum is not None:
+            set_field(self, "momentum", momentum_value(self.momentum, "momentum"))
         if not isinstance(self.models, dict) or not all(isinstance(v, dict) for v in self.models.values()):
             raise UsageError("models must map file patterns to tables of settings")
 
@@ -110,6 +121,29 @@ def seed_value(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise UsageError(f"{name} must be a non-negative integer such as 0, not {value!r}")
     return value
+
+
+def optimizer_name(value: Any, name: str) -> str:
+    """An optimizer's name as OptimizerSpec.parse knows it ("sgd", "adam", "adamw", …), lower-cased."""
+    from healthcheck.probes.stability import OPTIMIZER_NAMES
+
+    if not isinstance(value, str) or value.strip().lower() not in OPTIMIZER_NAMES:
+        hint = difflib.get_close_matches(value.strip().lower(), OPTIMIZER_NAMES, n=1) if isinstance(value, str) else []
+        raise UsageError(f"{name} must be one of {', '.join(OPTIMIZER_NAMES)}, not {value!r}"
+                         + (f" (did you mean {hint[0]}?)" if hint else ""))
+    return value.strip().lower()
+
+
+def learning_rate(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{name} must be a positive number such as 0.01, not {value!r}")
+    return float(value)
+
+
+def momentum_value(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise UsageError(f"{name} must be a number in [0, 1) such as 0.9, not {value!r}")
+    return float(value)
 
 
 def rule_codes(value: Any, name: str, allow_empty: bool) -> tuple[str, ...]:
@@ -264,4 +298,10 @@ def _fields(table: dict[str, Any], where: str, keys: set[str]) -> dict[str, Any]
         changes["seed"] = seed_value(table["seed"], f"{where}: seed")
     if "trace" in table:
         changes["trace"] = trace_method(table["trace"], f"{where}: trace")
+    if "optimizer" in table:
+        changes["optimizer"] = optimizer_name(table["optimizer"], f"{where}: optimizer")
+    if "lr" in table:
+        changes["lr"] = learning_rate(table["lr"], f"{where}: lr")
+    if "momentum" in table:
+        changes["momentum"] = momentum_value(table["momentum"], f"{where}: momentum")
     return changes

@@ -84,12 +84,22 @@ class _Snapshot:
     rng: dict
     grad_enabled: bool
 
+    def copy_values(self) -> None:
+        """Copy the values of the tensors taken without them, to be restored on exit."""
+        for state in self.tensors:
+            if state.value is None:
+                state.value = _value_of(state.tensor)
+
 
 @contextmanager
-def preserved(model: nn.Module) -> Iterator[None]:
-    snapshot = _take(model)
+def preserved(model: nn.Module, copy_parameters: bool = True) -> Iterator[_Snapshot]:
+    """`copy_parameters=False`: the parameters' values are not copied on entry (buffers and other tensors
+    still are): a body that traces on fake tensors never writes them (healthcheck.graph.tracers swaps
+    them for fake copies), and copying a large model's weights costs seconds and its size in memory.
+    The body calls `snapshot.copy_values()` before anything that may write them."""
+    snapshot = _take(model, copy_parameters)
     try:
-        yield
+        yield snapshot
     except BaseException:
         _restore(snapshot, raise_failure=False)  # the body's exception is the one the caller needs
         raise
@@ -98,7 +108,7 @@ def preserved(model: nn.Module) -> Iterator[None]:
 
 # --- snapshot -----------------------------------------------------------------------------------
 
-def _take(model: nn.Module) -> _Snapshot:
+def _take(model: nn.Module, copy_parameters: bool = True) -> _Snapshot:
     modules = [_module_state(m) for m in model.modules()]
     tensors: dict[int, torch.Tensor] = {}
     for t in [*model.parameters(), *model.buffers()]:
@@ -108,7 +118,8 @@ def _take(model: nn.Module) -> _Snapshot:
             if name not in _MODULE_INTERNALS:
                 for t in _tensors_in(value, _CONTAINER_DEPTH):
                     tensors.setdefault(id(t), t)
-    tensor_states = [_tensor_state(t) for t in tensors.values()]
+    parameters = {id(p) for p in model.parameters()}
+    tensor_states = [_tensor_state(t, copy_parameters or id(t) not in parameters) for t in tensors.values()]
     module_globals = vars(nn.modules.module)
     global_hooks = [(module_globals[n], dict(module_globals[n])) for n in _GLOBAL_HOOK_DICTS
                     if isinstance(module_globals.get(n), dict)]
@@ -147,16 +158,25 @@ def _tensors_in(value: Any, depth: int) -> Iterator[torch.Tensor]:
             yield from _tensors_in(item, depth - 1)
 
 
-def _tensor_state(t: torch.Tensor) -> _TensorState:
+def _value_of(t: torch.Tensor) -> torch.Tensor | None:
+    """A copy of the tensor's value; None for lazy and meta tensors (no value) and exotic subclasses."""
+    if isinstance(t, UninitializedTensorMixin) or t.is_meta:
+        return None
+    try:
+        return t.detach().to("cpu", copy=True) if t.device.type != "cpu" else t.detach().clone()
+    except (RuntimeError, NotImplementedError, TypeError):  # exotic subclasses: identity is still restored
+        return None
+
+
+def _tensor_state(t: torch.Tensor, copy_value: bool = True) -> _TensorState:
     lazy = isinstance(t, UninitializedTensorMixin)
-    data = value = None
+    data = None
     try:
         # a lazy tensor's data is an empty tensor (an UninitializedBuffer's .data is lazy itself)
         data = torch.empty(0, dtype=t.dtype, device=t.device) if lazy else t.data
-        if not lazy and not t.is_meta:
-            value = t.detach().to("cpu", copy=True) if t.device.type != "cpu" else t.detach().clone()
     except (RuntimeError, NotImplementedError, TypeError):  # exotic subclasses: identity is still restored
         pass
+    value = _value_of(t) if copy_value else None
     hooks = getattr(t, "_backward_hooks", None)
     post = getattr(t, "_post_accumulate_grad_hooks", None)
     grad = t.grad if t.is_leaf and not lazy else None  # .grad of a non-leaf: always None, and warns

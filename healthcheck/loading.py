@@ -250,8 +250,9 @@ def random_inputs(model: nn.Module, shapes: tuple[tuple[int, ...], ...], seed: i
     other special id), else N(0, 1). The first dimension is raised to PROBE_INPUTS (`probe_shape`), the
     same for every shape that shares it, so that the probes see enough independent inputs, when the
     model's forward accepts that (else the shapes as given); a user's own `example_input` is never changed."""
+    # a model on the meta device cannot run the trial forward (and is checked without probes)
     small = sum(p.numel() for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter)) \
-        <= PROBE_MAX_PARAMETERS
+        <= PROBE_MAX_PARAMETERS and not any(p.is_meta for p in model.parameters())
     enlarged = tuple(probe_shape(shape, model) for shape in shapes) if small else shapes
     if any(len(a) >= 2 and len(b) >= 2 and a[0] == b[0] and ea[0] != eb[0]
            for a, ea in zip(shapes, enlarged) for b, eb in zip(shapes, enlarged)):

@@ -54,6 +54,9 @@ class ModelInfo:
     trace_failures: dict[str, str] = field(default_factory=dict)
     input_shapes: tuple[tuple[int, ...], ...] = ()
     source: str | None = None  # "file:line" where the model is defined: the home of model-wide findings
+    # "real": the model ran on its weights; "unread": structure traced on fake tensors (no real forward);
+    # "not materialized": the weights are on the meta device (structure traced on fake tensors)
+    weights: str = "real"
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class Report:
     suppressed: list[Suppressed] = field(default_factory=list)
     fixes: list[Any] | None = None  # healthcheck.fixes.FixResult of each fix tried (None: not asked for)
     rules: tuple[str, ...] = ()  # the codes that were evaluated (selected, and measurable in this run)
+    stability: Any = None  # healthcheck.probes.stability.Stability, or None when probes were skipped
 
     def count(self, severity: str) -> int:
         return sum(1 for f in self.findings if f.severity == severity)
@@ -97,9 +101,11 @@ class Report:
             "schema": SCHEMA,
             "model": {"name": self.model.name, "parameters": self.model.parameters, "trace": self.model.trace,
                       "trace_failures": self.model.trace_failures,
-                      "input_shapes": [list(s) for s in self.model.input_shapes], "source": self.model.source},
+                      "input_shapes": [list(s) for s in self.model.input_shapes], "source": self.model.source,
+                      "weights": self.model.weights},
             "architecture": self.architecture.to_json(),
             "measurements": self._measurements_json(),
+            "stability": None if self.stability is None else self.stability.to_json(),
             "findings": [f.to_json() for f in self.findings],
             "summary": self.summary(),
             "suppressed": [{**s.finding.to_json(), "reason": s.reason} for s in self.suppressed],

@@ -9,9 +9,11 @@ On train begin the model is checked on its device with `example_input` (default:
 `per_device_train_batch_size` examples of the training set, collated by the trainer's own data
 collator, labels dropped); the report goes to the trainer's TensorBoard writer (`init/*` tags), its
 findings are warned, and with `fail_on` a finding at that severity or worse raises `HealthError`
-before the first step. During training a `HealthMonitor` samples every `every` optimizer steps and
-logs `health/*` at the trainer's global step through the same writer (with `report_to` including
-"tensorboard"), or through `writer=` when given.
+before the first step. The check reads the Trainer's optimizer (or, before it is built, `args.optim`
+and `args.learning_rate`) for its stability checks, at the lr its warm-up climbs to; it never steps
+it. During training a `HealthMonitor` samples every `every` optimizer steps and logs `health/*` at
+the trainer's global step through the same writer (with `report_to` including "tensorboard"), or
+through `writer=` when given.
 
 The Trainer clips gradients (`max_grad_norm`) before its optimizer-step callbacks run, so gradient
 norms, SNR and update ratios are those of the clipped gradients, the ones the optimizer uses; the
@@ -61,6 +63,19 @@ def example_batch(dataloader: Any, size: int, label_names: list[str] | None = No
         return None
     labels = set(label_names or LABEL_KEYS)
     return {k: v for k, v in batch.items() if k not in labels}
+
+
+def optimizer_from_args(args: Any) -> Any:
+    """An OptimizerSpec from `TrainingArguments` (`optim`, `learning_rate`, Adam's betas, weight decay) for
+    the optimizers whose update it names plainly (AdamW and SGD variants); None for the others."""
+    from healthcheck.probes.stability import OptimizerSpec
+
+    name = str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", "")))
+    kind = "adamw" if "adamw" in name else "sgd" if name == "sgd" else None
+    if kind is None or not getattr(args, "learning_rate", 0):
+        return None
+    return OptimizerSpec(kind=kind, lr=float(args.learning_rate), weight_decay=float(args.weight_decay),
+                         betas=(float(args.adam_beta1), float(args.adam_beta2)), eps=float(args.adam_epsilon))
 
 
 class HealthCallback(TrainerCallback, HealthView):
@@ -144,8 +159,11 @@ class HealthCallback(TrainerCallback, HealthView):
         example = self.example_input
         if example is None and self.health.check and train_dataloader is not None:
             example = example_batch(train_dataloader, args.per_device_train_batch_size, args.label_names)
+        # the Trainer builds its optimizer (and scheduler) before train begin; from its arguments otherwise
+        optimizer = kwargs.get("optimizer") or optimizer_from_args(args)
         try:
-            self.health.check_model(model, example, writer=writer, main_process=state.is_world_process_zero)
+            self.health.check_model(model, example, writer=writer, main_process=state.is_world_process_zero,
+                                    optimizer=optimizer)
         except BaseException:
             self._detach()
             raise

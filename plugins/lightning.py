@@ -8,7 +8,8 @@
 On fit start the LightningModule is checked on its device with `example_input` (default: its
 `example_input_array`); the report goes to the trainer's TensorBoardLogger (`init/*` tags), its
 findings are warned, and with `fail_on` a finding at that severity or worse raises `HealthError`
-before the first step. During training a `HealthMonitor` samples every `every` optimizer steps and
+before the first step. The check reads the trainer's optimizer (the first from `configure_optimizers`
+that trains the checked module) for its stability checks; it never steps it. During training a `HealthMonitor` samples every `every` optimizer steps and
 logs `health/*` through the same logger, at the trainer's global step.
 
 Works with `lightning.pytorch` and with `pytorch_lightning` (needs one: `pip install lightning`).
@@ -97,8 +98,9 @@ class HealthCallback(pl.Callback, HealthView):
         example = self.example_input
         if example is None and self.module is None:
             example = getattr(pl_module, "example_input_array", None)
+        # the optimizers exist by now (configure_optimizers runs in the strategy's setup, before fit start)
         self.health.check_model(self._watched(pl_module), example, writer=tensorboard_writer(trainer),
-                                main_process=trainer.is_global_zero)
+                                main_process=trainer.is_global_zero, optimizer=list(trainer.optimizers))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # here, not on fit start: a resumed run's global step is restored by now

@@ -176,3 +176,18 @@ def test_skips_with_bn_keep_the_rank_of_a_plain_stack_without_bn():
     # one BatchNorm1d(256) per block: 24 × 2 × 256 parameters more
     extra = sum(p.numel() for p in result.model.parameters()) - sum(p.numel() for p in model.parameters())
     assert extra == 24 * 2 * 256
+
+
+def test_fix_with_an_optimizer_object_checks_every_copy_with_that_optimizer():
+    """The fixed copies have parameters of their own: they are checked with the optimizer's class and
+    hyper-parameters, so the before/after stability numbers compare like with like."""
+    model = residual(bn=False, blocks=6, width=32)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
+    state = snapshot(model)
+    report, results = fix(model, x, optimizer=optimizer)
+    assert results, "a residual stack without norms gets at least one fix tried"
+    specs = [report.stability.optimizer] + [r.after.stability.optimizer for r in results]
+    assert all(s is not None and s.kind == "sgd" and s.lr == 0.003 and s.momentum == 0.9 for s in specs)
+    assert optimizer.state_dict()["state"] == {}  # read, never stepped
+    assert_same(state, snapshot(model))

@@ -220,3 +220,27 @@ def test_a_users_own_example_is_never_enlarged():
     x = torch.randn(2, 64)
     report = healthcheck.check(ReluStack(depth=4), x)
     assert report.model.input_shapes == ((2, 64),) and x.shape == (2, 64)
+
+
+def test_hc104_reads_a_collapse_from_the_band_not_the_raw_count():
+    """HC104 confirms a plain stack's collapse only when the sampling band's high end is ≤ 2, as HC203
+    does: 1.5 directions counted from a few independent vectors (band up to 6) is no confirmation."""
+    from types import SimpleNamespace
+
+    from healthcheck.probes import Measurements, Point
+    from healthcheck.rules.structure import HC104, _plain_stack_confirmed
+
+    def profile(band_high: float) -> Measurements:
+        points = tuple(Point(id=f"layer{k}", at="layer", depth=k + 1, module=f"{k}", source=None, var=1.0,
+                             var_ratio=1.0, residual_ratio=None, grad_norm=1.0, grad_rms=1.0,
+                             effective_rank=d / 64, participation_ratio=None, sensitivity=1.0, numel=64,
+                             rank_size=64, directions_band=(d, d if k < 2 else band_high))
+                       for k, d in enumerate([30.0, 20.0, 1.5, 1.5]))
+        return Measurements(points, None, 1.0, "layer")
+
+    architecture = SimpleNamespace(joins=[])
+    severities = {high: _plain_stack_confirmed(SimpleNamespace(measurements=profile(high), architecture=architecture),
+                                               HC104.options)
+                  for high in (6.0, 1.9)}
+    assert severities[6.0][0] == "warning" and severities[1.9][0] == "error"
+    assert severities[6.0][1]["measured_directions_band"] == [1.5, 6.0]

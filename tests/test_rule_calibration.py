@@ -288,6 +288,46 @@ def test_signal_lost_in_the_stem_is_named_as_such(std, severity):
     assert not [f for f in by_code(report, "HC202") if f.evidence.get("where") != "stem"]
 
 
+class RegrownAfterLoss(nn.Module):
+    """HF MobileViT's case: conv layers without a skip whose BatchNorm weights are drawn around 0
+    (N(0, 0.02)) leave ~1e-11 of the input's E[y²] before a Pre-LN transformer stack; there, far
+    below the LayerNorms' eps, each normalized branch amplifies the stream ×30–50 until it is back at
+    the eps scale — exponential-looking growth whose cause is the signal lost before it."""
+
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        # conv-BN-SiLU, then 1×1 convs without a norm (MobileViT's conv_1x1 before its transformer),
+        # all drawn N(0, 0.02) as HF does: each 1×1 conv multiplies E[y²] by c·0.02² ≈ 0.013
+        self.convs = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.SiLU(),
+                                   *[nn.Conv2d(c, c, 1, bias=False) for _ in range(3)])
+        for m in self.convs[1:]:
+            if isinstance(m, (nn.BatchNorm2d, nn.Conv2d)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+        self.norms = nn.ModuleList([nn.LayerNorm(c) for _ in range(8)])
+        self.mlps = nn.ModuleList([nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c)) for _ in range(8)])
+        for m in self.mlps.modules():  # HF's init: weights N(0, 0.02), biases 0
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.zeros_(m.bias)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.convs(x).flatten(2).transpose(1, 2)
+        for norm, mlp in zip(self.norms, self.mlps):
+            tokens = tokens + mlp(norm(tokens))
+        return self.head(tokens.mean(1))
+
+
+def test_growth_back_from_signal_lost_before_the_stream_is_named_as_that_loss():
+    torch.manual_seed(0)
+    report = healthcheck.check(RegrownAfterLoss(), torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    stream = [p.var for p in report.measurements.profile]
+    assert stream[0] < 1e-6 * report.measurements.input_var and stream[-1] / stream[0] > 100  # lost, then regrown
+    assert not by_code(report, "HC201"), [f.message for f in by_code(report, "HC201")]
+    [loss] = [f for f in by_code(report, "HC202") if f.evidence.get("where") in ("stem", "before_stream")]
+    assert loss.severity in ("warning", "error") and ("not exploding variance" in loss.message or "stem" in loss.message)
+
+
 # HC103: Post-LN's severity follows the measured gradients -----------------------------------------
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from healthcheck.api import check
+from healthcheck.api import check, optimizer_spec
+from healthcheck.config import Config
 from healthcheck.fixes.transforms import TRANSFORMS, add_skips, targets
 from healthcheck.graph.architecture import analyze
 from healthcheck.guard import copy_inputs, preserved
@@ -63,8 +64,14 @@ def fix(model: nn.Module, example_inputs: Any, **options: Any) -> tuple[Report, 
     """Check `model`, then try every transform its findings suggest on a copy.
 
     Returns the report — its findings' `fix.verified` filled with before/after numbers — and one
-    `FixResult` per transform tried (with the fixed copy). `model` is not changed.
+    `FixResult` per transform tried (with the fixed copy). `model` is not changed. `options` are
+    check()'s, `optimizer=` included.
     """
+    optimizer = options.get("optimizer")
+    if optimizer is not None and not isinstance(optimizer, str):
+        # the fixed copies have parameters of their own: they are checked with what the optimizer is
+        # (its class and hyper-parameters), not with the object, which trains only `model`
+        options = {**options, "optimizer": optimizer_spec(model, optimizer, Config())}
     before = check(model, example_inputs, **options)
     args, kwargs = as_call_args(example_inputs)
     with preserved(model):

@@ -4,10 +4,12 @@ findings (`findings`), TensorBoard (`healthcheck.report.tensorboard.TrainingLog`
 
 from __future__ import annotations
 
+import atexit
 import math
 import numbers
 import statistics
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
@@ -20,13 +22,17 @@ from healthcheck.config import Config
 from healthcheck.graph.joins import find_joins
 from healthcheck.graph.recorder import Recording
 from healthcheck.monitor.findings import FindingTracker
-from healthcheck.monitor.reduction import ANY, LOCAL, MEAN, Entry, distributed, to_host
-from healthcheck.monitor.samples import DEFAULT_SELECT, HealthWarning, TrainingSample
+from healthcheck.monitor.reduction import ANY, LOCAL, MEAN, Entry, distributed, norms, ratios, signal_to_noise, to_host
+from healthcheck.monitor.samples import DEFAULT_SELECT, HealthWarning, LossPoint, TrainingSample
 from healthcheck.monitor.sampling import ForwardRecorder, GradientStats, LossScale, ParameterSet, unwrap
 from healthcheck.probes.measure import Measurements, profile_points
 from healthcheck.probes.observer import StatsObserver
 from healthcheck.records import Finding
 from healthcheck.report.tensorboard import TrainingLog
+from healthcheck.rules.training import matrix_update_ratio
+
+#: points of the loss trend (HC405) kept; beyond, the older half is thinned to every other point
+LOSS_TREND_POINTS = 512
 
 
 class HealthMonitor:
@@ -99,9 +105,14 @@ class HealthMonitor:
         self._unflushed: int | None = None  # a sampled step waiting for after_optimizer_step()
         self._uses_after_step = False
         self._scale_falls, self._last_scale = 0, None
+        self._loss_trend: list[LossPoint] = []  # the sampled losses so far (HC405)
         self._warned: set[str] = set()
         self._closed = False
         self.recorder.armed = self._sampled(0)
+        # a run that ends without close() (a script that returns, an exception the loop does not
+        # catch) still reports a NaN/Inf seen since the last sample: at interpreter exit, as a warning
+        self._exit_hook = _close_at_exit(weakref.ref(self))
+        atexit.register(self._exit_hook)
 
     # -- read-only views kept from the single-module monitor -------------------------------------
     on_finding = property(lambda self: self.findings.on_finding)
@@ -162,7 +173,7 @@ class HealthMonitor:
             step, self._unflushed = self._unflushed, None
             return self._flush(step)
         if first_call:  # step() already flushed this sample: add the ratios to it
-            self._flush_update(self._last_sample)
+            return self._flush_update(self._last_sample)
         return []
 
     def __enter__(self) -> HealthMonitor:
@@ -173,22 +184,31 @@ class HealthMonitor:
 
     def close(self) -> None:
         """Write what is still pending (a sample waiting for after_optimizer_step(), a NaN/Inf seen
-        since the last sample: HC401 is raised or warned here as on a sampled step), remove the
-        hooks, flush the writer. Under torch.distributed this does no collective: each rank reports
-        what it saw itself."""
+        since the last sample in the loss, or now in the weights or gradients: HC401 is raised or
+        warned here as on a sampled step), remove the hooks, flush the writer. Under
+        torch.distributed this does no collective: each rank reports what it saw itself. A monitor
+        still open when the interpreter exits is closed then (reporting by warning)."""
         self._close(may_raise=True)
 
     def _close(self, may_raise: bool) -> None:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._exit_hook)
         try:
             last_step = self._step - 1 if self._micro == 0 else self._step
+            if self._step == 0 and self._micro == 0:
+                return  # no training step was seen
+            # the end of the run: one look at the weights (and, without a GradScaler whose skipped
+            # steps leave Inf there by design, the gradients), so that a NaN that reached them after
+            # the last sample is not lost when the loss no longer shows it (the loop stopped, or
+            # step() got no loss)
+            self.gradients.pending.update(self.gradients.final_flags(self.parameters.resolve()))
             if self._unflushed is not None:
                 step, self._unflushed = self._unflushed, None
                 self.gradients.drop_snapshot()  # whether the optimizer stepped is unknown
                 self._flush(step, collective=False, may_raise=may_raise)
-            elif self._nonfinite_loss is not None or self._nonfinite_host:
+            else:
                 self._flush(max(last_step, 0), collective=False, may_raise=may_raise, only_if_nonfinite=True)
         finally:
             self.recorder.close()
@@ -273,13 +293,15 @@ class HealthMonitor:
                 self._warn_once("profile", f"healthcheck: the activations of step {step} could not be read and "
                                 f"are left out: {type(exc).__name__}: {exc}")
         if "grad" in pending and not sample.skipped_step:
-            names = pending["grad"][0]
-            sample.grad_norm = dict(zip(names, host["grad_norm"]))
-            sample.weight_norm = dict(zip(names, host["weight_norm"]))
+            names, g, w = pending["grad"]  # reduced over shards (FSDP2) and ranks
+            sample.grad_norm = norms(names, g, host, "grad_norm")
+            sample.weight_norm = {n: v for n, v in norms(names, w, host, "weight_norm").items() if n in sample.grad_norm}
         if "update" in pending:
-            sample.update_ratio = self._update_ratios(pending["update"][0], host)
+            sample.update_ratio = self._update_ratios(pending["update"], host)
+        sample.tensor_ndim = {name: p.ndim for name, p in self.parameters.model.named_parameters()}
         if "snr" in pending:
-            sample.grad_snr = {n: s for n, s in zip(pending["snr"][0], host["snr"]) if math.isfinite(s)}
+            sample.grad_snr = signal_to_noise(*pending["snr"], host)
+        self._add_to_trend(sample)
         self.history.append(sample)
         try:
             findings = self.findings.evaluate(self.model, recording, sample)
@@ -347,33 +369,58 @@ class HealthMonitor:
                     Entry(("nonfinite", "weights"), pending.get("nonfinite_weight", false), ANY)]
         if "grad" in pending:
             _, g, w = pending["grad"]
-            entries += [Entry("grad_norm", g, LOCAL), Entry("weight_norm", w, LOCAL)]
+            entries += g.entries("grad_norm") + w.entries("weight_norm")
         if "update" in pending:
-            _, ratio, measured = pending["update"]
-            entries += [Entry("update", ratio, LOCAL), Entry("update_measured", measured, LOCAL)]
+            _, delta, base = pending["update"]
+            entries += delta.entries("update_delta") + base.entries("update_base")
         if "snr" in pending:
-            entries.append(Entry("snr", pending["snr"][1], LOCAL))
+            _, mean, second, _ = pending["snr"]
+            entries += mean.entries("snr_mean") + second.entries("snr_second")
         if "scale" in pending:
             entries.append(Entry("scale", pending["scale"], LOCAL))
         return entries, keys
 
-    def _update_ratios(self, names: list[str], host: dict[Hashable, list[float]]) -> dict[str, float]:
-        ratios = {n: r for n, r, ok in zip(names, host["update"], host["update_measured"]) if ok > 0}
-        if names and all(r == 0 for r in host["update"]) and self.gradients.loss_scale.scaler is None:
+    def _update_ratios(self, update: tuple, host: dict[Hashable, list[float]]) -> dict[str, float]:
+        measured, unchanged = ratios(*update, host)
+        if unchanged and self.gradients.loss_scale.scaler is None:
             self._warn_once("unchanged", "healthcheck: no watched parameter changed between the sampled step and "
                             "the next step() call, so update ratios are not measured; with gradient accumulation "
                             "pass accumulation=<micro-batches per optimizer step>, or call after_optimizer_step()")
-        return ratios
+        return measured
 
-    def _flush_update(self, step: int) -> None:
-        """The update ratios of a sample that step() already flushed (the first after_optimizer_step())."""
-        names, ratio, measured = self.gradients.pending.pop("update")
-        entries = [Entry("update", ratio, LOCAL), Entry("update_measured", measured, LOCAL)]
-        device = ratio.device
-        values = self._update_ratios(names, to_host(entries, device, collective=False))
+    def _flush_update(self, step: int) -> list[tuple[Finding, str]]:
+        """The update ratios of a sample that step() already flushed (the first after_optimizer_step()),
+        and the rule that reads them (HC403): the first step's update is the first sign of a learning
+        rate that is far too high."""
+        update = self.gradients.pending.pop("update")
+        entries = update[1].entries("update_delta") + update[2].entries("update_base")
+        # every rank calls this at the same step: reduced like a sample (shards of FSDP2 parameters)
+        values = self._update_ratios(update, to_host(entries, update[1].squares.device,
+                                                     collective=self.distributed))
+        events: list[tuple[Finding, str]] = []
         if self.history and self.history[-1].step == step:
-            self.history[-1].update_ratio = values
+            sample = self.history[-1]
+            sample.update_ratio = values
+            if self._loss_trend and self._loss_trend[-1].step == step:
+                self._loss_trend[-1].update_ratio = matrix_update_ratio(sample)
+            try:
+                events = self.findings.late(sample, ("HC403",))
+            except Exception as exc:  # noqa: BLE001 - a rule that fails must not stop training
+                self._warn_once("rules", f"healthcheck: the monitor's rules failed at step {step} and were skipped: {exc}")
         self.log.write_groups("update_ratio", values, statistics.median, step)
+        self.findings.act(events, step)
+        return events
+
+    def _add_to_trend(self, sample: TrainingSample) -> None:
+        """The sample's finite loss (and update size) onto the run's loss trend, which HC405 reads; a
+        long run keeps the first point, the latest ones and a thinned history between."""
+        if sample.loss is not None and math.isfinite(sample.loss) and not sample.nonfinite:
+            self._loss_trend.append(LossPoint(sample.step, sample.loss, matrix_update_ratio(sample)))
+            if len(self._loss_trend) > LOSS_TREND_POINTS:
+                half = LOSS_TREND_POINTS // 2
+                older = self._loss_trend[1:half]
+                self._loss_trend[:half] = [self._loss_trend[0], *older[1::2]]
+        sample.loss_trend = self._loss_trend
 
     def _track_scale(self, sample: TrainingSample) -> None:
         if self._last_scale is not None and sample.loss_scale is not None:
@@ -385,6 +432,18 @@ class HealthMonitor:
         if key not in self._warned and self.rank == 0:
             self._warned.add(key)
             warnings.warn(message, HealthWarning, stacklevel=4)
+
+
+def _close_at_exit(monitor: weakref.ref[HealthMonitor]) -> Callable[[], None]:
+    def close() -> None:
+        alive = monitor()
+        if alive is not None:
+            try:
+                alive._close(may_raise=False)
+            except Exception as exc:  # noqa: BLE001 - nothing may fail at interpreter exit
+                warnings.warn(f"healthcheck: the monitor could not be closed at exit: {exc}", HealthWarning,
+                              stacklevel=1)
+    return close
 
 
 def _below(module: str, parent: str) -> bool:

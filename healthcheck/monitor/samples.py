@@ -25,6 +25,15 @@ class HealthError(RuntimeError):
 
 
 @dataclass
+class LossPoint:
+    """One sample's loss and median update ratio over the weight matrices (HC405 reads the trend)."""
+
+    step: int
+    loss: float
+    update_ratio: float | None = None
+
+
+@dataclass
 class TrainingSample:
     """What the monitor measured on one sampled step (host values)."""
 
@@ -34,6 +43,7 @@ class TrainingSample:
     grad_norm: dict[str, float] = field(default_factory=dict)  # per parameter tensor (unscaled under AMP)
     weight_norm: dict[str, float] = field(default_factory=dict)
     update_ratio: dict[str, float] = field(default_factory=dict)  # ‖Δw‖/‖w‖ (the latest measured step)
+    tensor_ndim: dict[str, int] = field(default_factory=dict)  # dimensions per watched tensor (HC403 reads matrices)
     grad_snr: dict[str, float] = field(default_factory=dict)  # from the last completed SNR window
     dead_fraction: dict[str, float] = field(default_factory=dict)  # per non-negative activation
     nonfinite: list[str] = field(default_factory=list)  # where NaN/Inf was seen since the last sample
@@ -43,3 +53,6 @@ class TrainingSample:
     loss_scale: float | None = None
     skipped_step: bool = False
     loss_scale_falls: int = 0
+    # every sample so far with a finite loss, this one included (one list shared by the run's samples,
+    # only appended to: a rule reads the points up to its sample's step)
+    loss_trend: list[LossPoint] = field(default_factory=list)

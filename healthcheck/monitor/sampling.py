@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from healthcheck.graph.recorder import Recording, Session
+from healthcheck.monitor.reduction import Squares, is_sharded, local_coordinates, local_part, shares
 from healthcheck.probes.observer import StatsObserver
 
 _WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
@@ -40,7 +41,8 @@ class Watched:
 
     def subset(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         """The sampled coordinates of each watched tensor (all of them for small tensors)."""
-        return [t.reshape(-1) if idx is None else t.reshape(-1).index_select(0, idx)
+        # a sharded (FSDP2) tensor is read on this rank's shard: its coordinates index the shard
+        return [local_part(t).reshape(-1) if idx is None else local_part(t).reshape(-1).index_select(0, idx)
                 for t, idx in zip(tensors, self.coords)]
 
 
@@ -68,13 +70,16 @@ class ParameterSet:
         return Watched([n for n, _ in pairs], [p for _, p in pairs], [self._coordinates(n, p) for n, p in pairs])
 
     def _coordinates(self, name: str, param: torch.Tensor) -> torch.Tensor | None:
-        key = (name, param.numel(), param.device)
+        key = (name, param.numel(), param.device, local_part(param).shape)
         if key not in self._coords:
             if self.coordinates is None or param.numel() <= self.coordinates:
                 self._coords[key] = None
             else:  # a fixed random subset per tensor, the same whichever tensors are watched
                 generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-                self._coords[key] = torch.randperm(param.numel(), generator=generator)[:self.coordinates].to(param.device)
+                # clone: a slice would keep the whole permutation alive (8 bytes per parameter, cached)
+                chosen = torch.randperm(param.numel(), generator=generator)[:self.coordinates].clone()
+                # of a sharded tensor, the part of the same subset that lies in this rank's shard
+                self._coords[key] = local_coordinates(param, chosen) if is_sharded(param) else chosen.to(param.device)
         return self._coords[key]
 
 
@@ -180,19 +185,20 @@ class GradientStats:
 
     def sample(self, watched: Watched, loss: torch.Tensor | None) -> None:
         """The sampled step, after backward: norms, non-finite flags, a weight snapshot, a new SNR window."""
-        grads = [(n, p, p.grad) for n, p in zip(watched.names, watched.params) if p.grad is not None]
         factor = self.loss_scale.factor()
-        if grads:
+        if any(p.grad is not None for p in watched.params):
+            # squared norms over every watched tensor (a rank-independent layout; a gradient this rank
+            # lacks is absent here), of this rank's shard where sharded: reduced over ranks, not gathered
+            device = watched.params[0].device
             if factor is None:
-                g = torch.stack(torch._foreach_norm([gr.detach().float() for _, _, gr in grads]))
+                g = Squares.of([p.grad for p in watched.params], device)
             else:  # the gradients the optimizer will apply; the norm of scaled ones may overflow float32
                 wide = torch.float32 if factor.device.type == "mps" else torch.float64
-                g = torch.stack(torch._foreach_norm([gr.detach() for _, _, gr in grads], dtype=wide))
-                g = (g / factor.to(wide)).float()
-            w = torch.stack(torch._foreach_norm([p.detach().float() for _, p, _ in grads]))
-            self.pending["grad"] = ([n for n, _, _ in grads], g, w)
-            self.pending["nonfinite_grad"] = ~torch.isfinite(g).all()
-            self.pending["nonfinite_weight"] = ~torch.isfinite(w).all()
+                g = Squares.of([p.grad for p in watched.params], device, divide=factor, dtype=wide)
+            w = Squares.of(list(watched.params), device)
+            self.pending["grad"] = (watched.names, g, w)
+            self.pending["nonfinite_grad"] = g.nonfinite()
+            self.pending["nonfinite_weight"] = w.nonfinite()
         if self.loss_scale.value() is not None:
             self.pending["scale"] = self.loss_scale.value()
         self._snapshot = (watched, [t.clone() for t in watched.subset(p.detach() for p in watched.params)])
@@ -211,7 +217,26 @@ class GradientStats:
         current = watched.subset(p.detach() for p in watched.params)
         delta = torch.stack(torch._foreach_norm(torch._foreach_sub(current, snapshot)))
         base = torch.stack(torch._foreach_norm(snapshot))
-        self.pending["update"] = (watched.names, delta / base.clamp(min=1e-30), (base > 0) & (delta != 0))
+        sharded, share = shares(watched.params)  # ratio of norms reduced over shards (FSDP2)
+        self.pending["update"] = (watched.names, Squares.of_norms(delta, sharded, share),
+                                  Squares.of_norms(base, sharded, share))
+
+    def final_flags(self, watched: Watched) -> dict[str, torch.Tensor]:
+        """At the end of the run: device flags for NaN/Inf anywhere in the weights and, without a
+        GradScaler, in the gradients (one pass over the parameters, only at close)."""
+        params = [local_part(p.detach()) for p in watched.params]  # no collective
+        flags: dict[str, torch.Tensor] = {}
+        if params:
+            device = params[0].device
+            weights = torch.stack([(~torch.isfinite(p).all()).to(device) for p in params]).any()
+            flags["nonfinite_weight"] = weights | self.pending["nonfinite_weight"] \
+                if "nonfinite_weight" in self.pending else weights
+        grads = [local_part(p.grad.detach()) for p in watched.params if p.grad is not None]
+        if grads and self.loss_scale.scaler is None:
+            nonfinite = torch.stack([(~torch.isfinite(g).all()).to(grads[0].device) for g in grads]).any()
+            flags["nonfinite_grad"] = nonfinite | self.pending["nonfinite_grad"] \
+                if "nonfinite_grad" in self.pending else nonfinite
+        return flags
 
     def drop_snapshot(self) -> None:
         self._snapshot = None
@@ -238,9 +263,12 @@ class GradientStats:
             self._snr = (watched, total, squares + norms, count + 1)
         _, total, squares, k = self._snr
         if k == self.snr_window:
-            mean_sq = torch.stack(torch._foreach_norm(total)).pow(2) / k**2
-            variance = (squares / k - mean_sq) * k / (k - 1)
-            self.pending["snr"] = (watched.names, mean_sq / variance.clamp(min=1e-30))
+            # ‖mean g‖² and E‖g‖² are sums over coordinates: reduced over shards (FSDP2) before the
+            # ratio mean² / variance is taken on the host (`snr_ratios`)
+            sharded, share = shares(watched.params)
+            mean_norm = torch.stack(torch._foreach_norm(total)) / k
+            self.pending["snr"] = (watched.names, Squares.of_norms(mean_norm, sharded, share),
+                                   Squares.of_norms((squares / k).sqrt(), sharded, share), k)
             self._snr = None
 
     def take(self) -> dict[str, Any]:

@@ -110,6 +110,9 @@ class ProbeOptions:
     max_vectors: int = 256  # channel vectors per point for the effective rank
     line_step: float = 0.02  # distance between neighbouring line inputs, relative to ‖x0‖
     line_points: int = 24  # inputs on the gradient-correlation line, whatever the batch size
+    # the line runs in chunks of the user's batch size (its activation memory is then the batch's),
+    # except that a chunk may hold this many bytes of activations: small models run the line in one pass
+    line_chunk_bytes: int = 128 * 2**20
     sensitivity: bool = True
     grad_correlation: bool = True
     loss_fn: Callable[[Any], torch.Tensor] | None = None
@@ -298,11 +301,45 @@ def _checkpointing_off(model: nn.Module) -> Iterator[None]:
             setattr(module, flag, True)
 
 
+class _PlainCall:
+    """Stands in for torch.utils.checkpoint's reentrant `CheckpointFunction`: `apply` calls the function."""
+
+    @staticmethod
+    def apply(function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
+        return function(*args)
+
+
+def _no_recompute(*args: Any, **kwargs: Any) -> Iterator[None]:
+    """Stands in for the non-reentrant checkpoint's context generator: nothing saved for recomputation."""
+    yield
+
+
+@contextmanager
+def _raw_checkpoints_off() -> Iterator[None]:
+    """A raw `torch.utils.checkpoint.checkpoint(fn, …)` in the model calls `fn` as it is while the
+    probes run: its recomputation in backward would run outside the recorder, with dropout live and
+    random ops redrawn, and take gradients through other masks than the recorded forward's. Both
+    variants look their machinery up in the module at call time (`CheckpointFunction.apply`, the
+    non-reentrant context generator), so a model that imported `checkpoint` by name is covered too."""
+    import torch.utils.checkpoint as module
+
+    names = {"CheckpointFunction": _PlainCall, "_checkpoint_without_reentrant_generator": _no_recompute,
+             "_checkpoint_without_reentrant_generator_impl": _no_recompute}
+    saved = {name: getattr(module, name) for name in names if hasattr(module, name)}
+    try:
+        for name in saved:
+            setattr(module, name, names[name])
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None, *, at_joins: bool,
             options: ProbeOptions | None = None) -> Measurements:
     """Run the probes. The caller guards the model's state (see `healthcheck.guard.preserved`):
     this sets train mode, clears `.grad` and runs backward passes."""
-    with _checkpointing_off(model):
+    with _checkpointing_off(model), _raw_checkpoints_off():
         return _measure(model, args, kwargs, at_joins=at_joins, options=options)
 
 
@@ -325,6 +362,7 @@ def _measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None
         point = _InputPoint(lambda t: t.detach().clone().requires_grad_(True), inside, feed=torch.clone)
         args1, kwargs1 = point.apply_to_inputs(*_fresh(args, kwargs))
         observer = StatsObserver(at_joins, options.max_vectors, options.seed, point)
+        observer.counted = None if weights is None else weights.bool()
         no_gradients = None
         with torch.enable_grad():
             recording = record(model, args1, kwargs1, observer, skip_dropout=True, random_seed=options.seed)
@@ -371,7 +409,8 @@ def _measure(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None
     correlation, line_dim = None, 0
     if options.grad_correlation:
         try:
-            correlation, line_dim = _line_correlation(model, args, kwargs, options, observer.batch_stats, weights)
+            correlation, line_dim = _line_correlation(model, args, kwargs, options, observer.batch_stats, weights,
+                                                      graph)
         except Exception as exc:  # noqa: BLE001
             failures["grad_correlation"] = describe(exc)
 
@@ -566,9 +605,35 @@ def _leading_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
     return None if first is None else int(first.shape[0])
 
 
+def _activation_bytes_per_row(graph: Any, batch: int | None) -> float:
+    """Bytes of floating-point activations one input row makes in a recorded forward (4 per element:
+    the probes reduce in float32): what one row of the line costs in memory."""
+    if graph is None or not batch:
+        return math.inf
+    total = sum(math.prod(node.shape) for node in graph.nodes if node.floating and node.shape)
+    return 4.0 * total / batch
+
+
+def line_chunks(points: int, rows: int) -> list[tuple[int, int]]:
+    """Row ranges [start, end) of `rows` rows each that cover a line of `points` inputs. The second
+    chunk starts on the first chunk's last row: that row, computed beside different neighbours,
+    must get the same gradient (rows independent, `_line_correlation`). The last chunk ends at the
+    line's end and may overlap its predecessor, so every chunk has the same number of rows (a
+    random draw shared by the rows of a chunk is then the same draw in every chunk)."""
+    if rows >= points:
+        return [(0, points)]
+    rows = max(rows, 2)
+    chunks, start = [(0, rows)], rows - 1
+    while start + rows < points:
+        chunks.append((start, start + rows))
+        start += rows
+    chunks.append((points - rows, points))
+    return chunks
+
+
 def _line_correlation(model: nn.Module, args: tuple, kwargs: dict[str, Any], options: ProbeOptions,
                       batch_stats: list[tuple[torch.Tensor, torch.Tensor]],
-                      weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                      weights: torch.Tensor | None = None, graph: Any = None) -> tuple[torch.Tensor, int]:
     """(correlation, elements per point): correlation of neighbouring input gradients along a line of `options.line_points` inputs
     through the first example (Balduzzi et al. 2017).
 
@@ -577,21 +642,53 @@ def _line_correlation(model: nn.Module, args: tuple, kwargs: dict[str, Any], opt
     Every row shares all the other inputs — each batch-sized input (token ids, decoder ids, masks,
     timesteps, labels) becomes its first row, repeated — so neighbouring rows differ only along the
     line, which lives at the input point (the embedding output for token inputs). BatchNorm uses
-    the real batch's statistics, and every random op gives the same draw in every row (recorder)."""
+    the real batch's statistics, and every random op gives the same draw in every row (recorder).
+
+    Memory: the line runs in chunks of the user's batch size (`line_chunks`; bigger only while a
+    chunk's activations stay under `options.line_chunk_bytes`). That is exact when rows are
+    independent — BatchNorm is frozen to pass 1's statistics, and attention, convolutions and the
+    other norms act within a row — but a model may mix rows in other ways (x − x.mean(0), MoE
+    routing with a capacity shared by the batch). The overlap row of the first two chunks checks it:
+    if its gradient depends on its neighbours, the line runs again as one batch."""
     n = options.line_points
     if n < 3:
         raise ValueError("gradient correlation needs a line of at least 3 points")
     batch = _leading_size(args, kwargs)
+    per_row = _activation_bytes_per_row(graph, batch)
+    fit = int(options.line_chunk_bytes // per_row) if math.isfinite(per_row) and per_row > 0 else n
+    chunks = line_chunks(n, max(batch or n, fit))
+    grads = _line_gradients(model, args, kwargs, options, batch_stats, weights, batch, chunks)
+    if len(chunks) > 1:
+        overlap = chunks[1][0]
+        first, second = grads[0][overlap - chunks[0][0]].double(), grads[1][0].double()
+        scale = first.norm().clamp(min=1e-30)
+        if not bool((first - second).norm() <= 1e-4 * scale):  # rows not independent: one batch after all
+            grads = _line_gradients(model, args, kwargs, options, batch_stats, weights, batch, [(0, n)])
+            chunks = [(0, n)]
+    rows = torch.empty((n, *grads[0].shape[1:]), dtype=grads[0].dtype, device=grads[0].device)
+    for (start, end), grad in zip(chunks, grads):
+        rows[start:end] = grad
+    if not bool(rows.abs().amax() > 0):
+        raise ValueError("the input gradients are zero at initialization (a zero-initialized output layer?)")
+    return stats.neighbour_correlation(rows), rows[0].numel()
+
+
+def _line_gradients(model: nn.Module, args: tuple, kwargs: dict[str, Any], options: ProbeOptions,
+                    batch_stats: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor | None,
+                    batch: int | None, chunks: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The input gradients at the line's rows, one tensor per chunk of `chunks` (see `_line_correlation`)."""
+    n = options.line_points
+    size = chunks[0][1] - chunks[0][0]
 
     def first_row(t: torch.Tensor) -> torch.Tensor:
         if batch is None or t.dim() == 0 or t.shape[0] != batch:
             return t.detach().clone()  # no batch dimension: shared as it is
-        return t.detach()[:1].repeat(n, *[1] * (t.dim() - 1))
+        return t.detach()[:1].repeat(size, *[1] * (t.dim() - 1))
 
     line_args, line_kwargs = _map_tensors(args, first_row), _map_tensors(kwargs, first_row)
-    line_weights = weights[:1].repeat(n, 1) if weights is not None else None
+    line_weights = weights[:1].repeat(size, 1) if weights is not None else None
 
-    def run(inside: bool, full_backward: bool) -> torch.Tensor:
+    def run(inside: bool, full_backward: bool, start: int, end: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(options.seed + 3)
         captured: dict[str, torch.Tensor] = {}
 
@@ -600,7 +697,7 @@ def _line_correlation(model: nn.Module, args: tuple, kwargs: dict[str, Any], opt
             direction = torch.randn(x0.shape, generator=generator).to(x0.device)
             direction = _on_counted_positions(direction, None if line_weights is None else line_weights[0])
             direction = direction / direction.norm() * x0.norm().clamp(min=1e-6)
-            offsets = (torch.arange(n, device=x0.device, dtype=torch.float32) - (n - 1) / 2) * options.line_step
+            offsets = (torch.arange(start, end, device=x0.device, dtype=torch.float32) - (n - 1) / 2) * options.line_step
             points = x0.unsqueeze(0) + offsets.reshape(-1, *[1] * x0.dim()) * direction.unsqueeze(0)
             captured["line"] = points.to(t.dtype).requires_grad_(True)
             return captured["line"]
@@ -614,11 +711,11 @@ def _line_correlation(model: nn.Module, args: tuple, kwargs: dict[str, Any], opt
 
         with torch.enable_grad():
             recording = record(model, args3, kwargs3, _Inject(), skip_dropout=True, random_seed=options.seed,
-                               shared_rows=n, replacements={"batch_norm": _FrozenBatchNorm(batch_stats)})
+                               shared_rows=size, replacements={"batch_norm": _FrozenBatchNorm(batch_stats)})
             if "line" not in captured:
                 raise ValueError("the model made no floating-point tensor to put on the line")
-            if captured["line"].shape[0] != n:
-                raise ValueError(f"the input point has {captured['line'].shape[0]} rows, not the line's {n}")
+            if captured["line"].shape[0] != size:
+                raise ValueError(f"the input point has {captured['line'].shape[0]} rows, not the line's {size}")
             loss = _loss(recording.output, options, torch.Generator().manual_seed(options.seed + 1), per_sample=False,
                          weights=line_weights)
             if full_backward:
@@ -628,12 +725,19 @@ def _line_correlation(model: nn.Module, args: tuple, kwargs: dict[str, Any], opt
                     raise ValueError("no gradient reached the input line")
             else:
                 (grad,) = torch.autograd.grad(loss, [captured["line"]])
-        return grad
+        return grad.detach()
 
-    grad = _with_fallbacks(run)
-    if not bool(grad.abs().amax() > 0):
-        raise ValueError("the input gradients are zero at initialization (a zero-initialized output layer?)")
-    return stats.neighbour_correlation(grad), grad[0].numel()
+    grads: list[torch.Tensor] = []
+    way: tuple[bool, bool] | None = None  # the first chunk finds the way the model can run; the others reuse it
+    for start, end in chunks:
+        if way is None:
+            def first(inside: bool, full: bool, start: int = start, end: int = end) -> tuple[torch.Tensor, tuple]:
+                return run(inside, full, start, end), (inside, full)
+            grad, way = _with_fallbacks(first)
+        else:
+            grad = run(*way, start, end)
+        grads.append(grad)
+    return grads
 
 
 def linear_field_correlation(points: int) -> float:

@@ -44,6 +44,9 @@ class StatsObserver:
         self.batch_stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch_norm call, in order
         # operand moments read just before an in-place op (`x += shortcut`) overwrote its first operand
         self.before_moments: dict[int, torch.Tensor] = {}
+        # bool (batch × positions): the positions a loss counts (padding out); E[y²] and the ranks of
+        # token tensors (batch, positions, channels) are taken over them only, as the loss is
+        self.counted: torch.Tensor | None = None
 
     def before_inplace(self, operands: list[tuple[int, torch.Tensor]]) -> None:
         """An in-place join (`out += identity`) overwrites the branch with the sum: read the operands'
@@ -104,10 +107,11 @@ class StatsObserver:
     def measure(self, index: int, tensor: torch.Tensor, channel_dim: int) -> None:
         if index in self.values or not tensor.is_floating_point():
             return
-        values = {"var": stats.second_moment(tensor), "numel": torch.tensor(float(tensor.numel()))}
+        counted = self._counted_rows(tensor, channel_dim)
+        values = {"var": stats.counted_moment(tensor, counted), "numel": torch.tensor(float(tensor.numel()))}
         if self.ranks:
             rank, participation, draws, within = stats.rank_statistics(tensor, channel_dim, self.max_vectors,
-                                                                       self.generator)
+                                                                       self.generator, counted)
             size = stats.rank_size(tensor, channel_dim, self.max_vectors)
             values.update(rank=rank, participation=participation, rank_size=torch.tensor(float(size)),
                           rank_draws=draws, rank_within=within,  # for stats.directions_band and HC203
@@ -115,6 +119,13 @@ class StatsObserver:
         self.values[index] = values
         if tensor.requires_grad:
             tensor.register_hook(partial(self._on_grad, index))
+
+    def _counted_rows(self, tensor: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
+        """`self.counted` where `tensor` is laid out (batch, positions, channels), else None."""
+        mask = self.counted
+        if mask is None or tensor.dim() != 3 or channel_dim % 3 != 2 or tuple(tensor.shape[:2]) != tuple(mask.shape):
+            return None
+        return mask.to(device=tensor.device, dtype=torch.bool)
 
     def _on_grad(self, index: int, grad: torch.Tensor) -> None:
         self.grads[index] = grad.detach().float().pow(2).sum()

@@ -36,8 +36,19 @@ def effective_ranks(x: torch.Tensor, channel_dim: int, max_vectors: int,
 _POWER_STEPS = 12
 
 
+def counted_moment(x: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
+    """E[x²] over the positions a loss counts: `counted` (bool, x's leading dimensions) marks them,
+    None counts all (`second_moment`)."""
+    if counted is None:
+        return second_moment(x)
+    w = counted.reshape(*counted.shape, *[1] * (x.dim() - counted.dim())).to(torch.float32)
+    per_position = x[(0,) * counted.dim()].numel()
+    return (x.detach().float().pow(2) * w).sum() / (w.sum() * per_position).clamp(min=1)
+
+
 def rank_statistics(x: torch.Tensor, channel_dim: int, max_vectors: int,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+                    generator: torch.Generator | None = None,
+                    counted: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(Labatie's Σλ/λ_max and the participation ratio (Σλ)²/Σλ², both divided by min(vectors,
     channels); the effective number of independent vectors behind λ_max, for `directions_band`; the
     share of the variance within inputs, between their positions).
@@ -51,12 +62,22 @@ def rank_statistics(x: torch.Tensor, channel_dim: int, max_vectors: int,
     inputs gives the intra-input correlation ρ, and Kish's design effect gives the independent
     draws: n_eff = n / (1 + (p − 1)·ρ) with p vectors per input (n_eff = number of inputs when ρ = 1,
     = n when the positions are independent). Reduced on the device: no host sync.
+
+    `counted` (bool per row of the channel vectors, batch-major as they are) keeps only the positions
+    a loss counts (padding out, see `measure.position_weights`); it costs one host copy of the mask.
     """
     v = channel_vectors(x, channel_dim)
     rows = v.shape[0]
     batch = x.shape[0] if x.dim() > 1 and channel_dim % x.dim() != 0 else rows
     per_input = max(rows // max(batch, 1), 1)  # rows of one input: dim 0 stays outermost in `v`
-    if rows > max_vectors:
+    if counted is not None and counted.numel() == rows:
+        kept = counted.reshape(-1).cpu().nonzero().squeeze(1)
+        if len(kept) > max_vectors:
+            kept = kept[torch.randperm(len(kept), generator=generator, device="cpu")[:max_vectors].sort().values]
+        v = v.index_select(0, kept.to(v.device))
+        group = (kept // per_input).to(v.device)
+        inputs = int(kept[-1]) // per_input + 1
+    elif rows > max_vectors:
         index = torch.randperm(rows, generator=generator, device="cpu")[:max_vectors].sort().values
         v = v.index_select(0, index.to(v.device))
         group = (index // per_input).to(v.device)

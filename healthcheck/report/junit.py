@@ -16,7 +16,8 @@ from healthcheck.report.text import evidence_text
 from healthcheck.rules.registry import stage
 
 SKIP_REASONS = {"probes": "init-time probes were not run (--no-probes)",
-                "training": "training-time rule: evaluated by HealthMonitor during training"}
+                "training": "training-time rule: evaluated by HealthMonitor during training",
+                "stability": "stability measurements were not run (--no-probes)"}
 
 
 def _finding_line(f: Finding) -> str:
@@ -29,7 +30,8 @@ def _finding_line(f: Finding) -> str:
 
 def _skip_reason(report: Report, code: str) -> str:
     rule_stage = stage(code)
-    if rule_stage == "training" or (rule_stage == "probes" and report.measurements is None):
+    if rule_stage == "training" or (rule_stage == "probes" and report.measurements is None) or (
+            rule_stage == "stability" and report.stability is None):
         return SKIP_REASONS[rule_stage]
     return "not selected (select/ignore)"
 

@@ -5,7 +5,7 @@ before/after numbers of each fix measured on a fixed copy."""
 from __future__ import annotations
 
 from healthcheck.records import Finding, Report
-from healthcheck.report.text import fix_rows, short_path
+from healthcheck.report.text import fix_rows, short_path, stability_lines
 
 ICONS = {"error": "🔴", "warning": "🟠", "info": "🔵"}
 MAX_FINDINGS = 25  # per model; the rest are counted, the full list is in the JSON/SARIF report
@@ -53,6 +53,9 @@ def _model_section(report: Report, fail_on: str) -> str:
     parts = [f"<details{' open' if failing else ''}>",
              f"<summary><b>{report.model.name}</b>: {_counts(report)}</summary>", "",
              findings_table(report.findings)]
+    stability = stability_lines(report.stability)
+    if stability:
+        parts += ["", "<sub>" + "<br>".join(_cell(line) for line in stability) + "</sub>"]
     if report.suppressed:
         reasons = {"comment": "`# healthcheck: ignore`", "baseline": "the baseline"}
         known = ", ".join(f"{s.finding.code} `{s.finding.location.module or '(root)'}` ({reasons[s.reason]})"

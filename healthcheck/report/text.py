@@ -132,6 +132,50 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def stability_lines(stability: Any) -> list[str]:
+    """The stability measurements (healthcheck.probes.stability.Stability) as short lines of plain text:
+    the optimizer and its sharpness against the limit, the trial steps, the output scale at init, what
+    could not be measured; the note that stability was not assessed when no optimizer was given. The
+    text and Markdown reports lay them out."""
+    if stability is None:
+        return []
+    lines = []
+    spec, sharpness, trial, output = stability.optimizer, stability.sharpness, stability.trial, stability.output
+    if spec is not None:
+        settings = [f"lr {spec.lr:.3g}"]
+        if spec.momentum:
+            settings.append(f"momentum {spec.momentum:.3g}")
+        if spec.preconditioned and spec.kind != "rmsprop":
+            settings.append(f"β₁ {spec.betas[0]:.3g}")
+        head = f"stability under {spec.kind} ({', '.join(settings)})"
+        if sharpness is not None:
+            which = "preconditioned sharpness" if sharpness.preconditioned else "sharpness"
+            limit = f" against the limit {sharpness.limit:.3g} ({sharpness.ratio:.2g}× the limit)" \
+                if math.isfinite(sharpness.ratio) else ""
+            head += f": {which} {sharpness.value:.3g}{limit}"
+        lines.append(head)
+    if trial is not None:
+        line = f"trial: {trial.steps} steps on a copy, loss {format_value(trial.loss_start)} → " \
+               f"{format_value(trial.loss_end)}"
+        if trial.non_finite_at is not None:
+            line += f", non-finite at step {trial.non_finite_at}"
+        if trial.update_ratios:
+            line += f", largest first-step update ‖Δw‖/‖w‖ {max(trial.update_ratios.values()):.3g}"
+        units, before, after = trial.dead_counts()
+        if units:
+            line += f", dead units {before} → {after} of {units}"
+        lines.append(line)
+    if output is not None and output.expected_loss is not None:
+        lines.append(f"output at init: loss {output.expected_loss:.3g} on random labels against "
+                     f"{output.uniform_loss:.3g} (ln {output.classes}) for a uniform guess")
+    elif output is not None and spec is not None:
+        lines.append(f"output at init: RMS {output.output_rms:.3g}")
+    lines += [f"{part} not measured: {why}" for part, why in stability.skipped.items()]
+    if stability.note:
+        lines.append(f"note: {stability.note}")
+    return lines
+
+
 def finding_text(f: Finding) -> Text:
     text = Text()
     text.append(f"{_MARK[f.severity]} {f.severity:<7} ", style=f"hc.{f.severity}")
@@ -243,9 +287,14 @@ def write_text(report: Report, console: Console, *, verbose: bool = False) -> No
         norms = ", ".join(f"{k}×{v}" for k, v in arch.norm_layers.items()) or "none"
         console.print(Text(f"  normalization layers: {norms}; longest run without skips: "
                            f"{arch.plain_depth} weight layers", style="hc.dim"))
+    if model.weights != "real":  # structure only, traced on fake tensors
+        console.print(Text("  weights not materialized (meta device): structure traced on fake tensors"
+                           if model.weights == "not materialized" else
+                           "  structure traced on fake tensors: no forward ran on the weights", style="hc.dim"))
     if model.trace == "hooks":
         console.print(Text("  note: fx and torch.export could not follow the model; the graph was recorded "
-                           "from one real forward pass (run with --verbose for why)", style="hc.warning"))
+                           f"from one {'real' if model.weights == 'real' else 'fake-tensor'} forward pass "
+                           "(run with --verbose for why)", style="hc.warning"))
     console.print()
     if arch.joins:
         console.print(joins_table(arch.joins, with_source=console.width >= 110))
@@ -265,6 +314,11 @@ def write_text(report: Report, console: Console, *, verbose: bool = False) -> No
     elif measurements is not None and measurements.failures:  # no profile: say why, not just "no findings"
         for probe, why in measurements.failures.items():
             console.print(Text(f"{probe} not measured: {why}", style="hc.warning"))
+        console.print()
+    stability = stability_lines(report.stability)
+    if stability:
+        for line in stability:
+            console.print(Text(line, style="" if line.startswith("note: ") else "hc.dim"))
         console.print()
     if report.findings:
         console.print(Text("Findings", style="bold"))

@@ -68,6 +68,10 @@ def _stem_loss(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     # what enters the first block: its skip operand (var / var_ratio at a first join), or the point itself
     entry = first.var / first.var_ratio if first.var_ratio else first.var
     drop = m.input_var / min(first.var, entry)
+    lowest = _lowest_stream_point(ctx)
+    if lowest is not None and lowest is not first and m.input_var / lowest.var > max(drop, opt["stem_warn_drop"]):
+        yield from _early_loss(ctx, opt, lowest)
+        return
     # below the warning level, a normalized layer downstream rescales a small stem output: it trains
     # (benchmarks/rule_judgements.md), so an info
     severity = severity_at(drop, opt["stem_warn_drop"], opt["stem_error_drop"]) or (
@@ -88,9 +92,52 @@ def _stem_loss(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     )
 
 
+def _lowest_stream_point(ctx: RuleContext) -> Any:
+    """The stream point with the least E[y²], or None."""
+    stream = [p for g in stream_points(ctx) for p in g if p.var is not None and p.var > 0 and math.isfinite(p.var)]
+    return min(stream, key=lambda p: p.var, default=None)
+
+
+def _regrown_after_loss(ctx: RuleContext, opt: dict[str, Any]) -> bool:
+    """The stream fell `stem_warn_drop`× below the input's E[y²] somewhere (in the stem, or in layers
+    without a skip between stages) and never rises above the input's scale again: what grows along it
+    is the lost signal coming back, e.g. a normalized branch amplifying activations that are far below
+    its norm's eps (MobileViT's HF init: BatchNorm weights ~ N(0, 0.02) leave 1e-11), not an explosion."""
+    m = ctx.measurements
+    lowest = _lowest_stream_point(ctx)
+    if lowest is None or not (m.input_var > 0 and math.isfinite(m.input_var)):
+        return False
+    peak = max(p.var for g in stream_points(ctx) for p in g if p.var is not None and math.isfinite(p.var))
+    return m.input_var / lowest.var >= _STEM_OPTIONS["stem_warn_drop"] and peak <= m.input_var
+
+
+def _early_loss(ctx: RuleContext, opt: dict[str, Any], lowest: Any) -> Iterator[Finding]:
+    """HC202 for signal lost between the input and a point of the stream (not at its first point): the
+    stem or the layers without a skip before `lowest` leave almost nothing of the input's E[y²]."""
+    m = ctx.measurements
+    drop = m.input_var / lowest.var
+    severity = severity_at(drop, opt["stem_warn_drop"], opt["stem_error_drop"])
+    if severity is None:
+        return
+    peak = max(p.var for g in stream_points(ctx) for p in g if p.var is not None and math.isfinite(p.var))
+    yield HC202.finding(
+        severity,
+        f"signal vanishes between the input and {lowest.id}: E[y²] falls from {m.input_var:.3g} at the input to "
+        f"{lowest.var:.3g} there (×{1 / drop:.3g}), in the stem and the layers without a skip before it; the blocks "
+        f"after it only grow it back (to at most {peak:.3g}), which is not exploding variance. Look for a near-zero "
+        "init there (normalization weights drawn around 0, a tiny conv or embedding init)",
+        _where(lowest),
+        {"input_var": m.input_var, "lowest_var": lowest.var, "peak_var": peak, "drop": drop, "where": "before_stream"},
+        ("initialize the normalization weights to 1 (nn.init.ones_) and the layers with a variance-preserving "
+         "init", None),
+    )
+
+
 def _variance(ctx: RuleContext, opt: dict[str, Any], vanishing: bool) -> Iterator[Finding]:
     if vanishing:
         yield from _stem_loss(ctx, opt)
+    elif _regrown_after_loss(ctx, opt):
+        return  # HC202 names the cause: the signal was lost before, this is it growing back
     groups = with_entry(stream_points(ctx))
     # shrinking: the log-linear fit; growth: the growth of the increments, blind to additive offsets
     fit = trend(groups, lambda p: p.var) if vanishing else exponential_rate(groups, lambda p: p.var)
@@ -502,16 +549,36 @@ def _hc303(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
         severity = "warning"
     else:
         return
+    # Decorrelated gradients at init are common in BatchNorm networks that train well (torchvision
+    # resnet50 and Inception-v3 at their default init: −0.03; a 24-layer plain BN MLP −0.02 and it
+    # trains, digits 0.87-0.91; benchmarks/zoo_review.md). What fails is the chaos behind them once
+    # it is strong: the measured sensitivity χ (HC204) of the same model, ×7e3 at 48 layers (digits:
+    # chance). So the correlation alone is an info, and its severity is at most χ's.
+    chi = max((p.sensitivity for p in _profile(ctx) if p.sensitivity is not None), default=None)
+    hc204 = HC204.options
+    corroborated = None if chi is None else severity_at(chi, hc204["warn_chi"], hc204["error_chi"])
+    if chi is None:
+        severity = "warning"  # χ could not be measured: no corroboration either way
+    elif corroborated is None:
+        severity = "info"
+    elif corroborated == "warning":
+        severity = "warning"
     fix = ("add skip connections (with BN in the branch)" if plain else
            "zero-init the last normalization gain of each residual branch so blocks start as the identity")
     points = _profile(ctx)
     line = f"{m.line_points} " if m.line_points else ""
+    message = (f"gradients are shattered: the input gradients at {line}neighbouring inputs (2% of the input's norm "
+               f"apart) have correlation {corr:.3g}")
+    if chi is not None:
+        message += (f"; with sensitivity χ up to {chi:.3g}" if corroborated else
+                    f"; the sensitivity stays low (χ ≤ {chi:.3g}), as in BatchNorm networks that train from "
+                    "decorrelated gradients: no verdict alone")
     yield HC303.finding(
         severity,
-        f"gradients are shattered: the input gradients at {line}neighbouring inputs (2% of the input's norm apart) "
-        f"have correlation {corr:.3g}",
+        message,
         _where(points[-1]) if points else Location("(root)"),
-        {"grad_correlation": corr, "plain_stack": plain, "line_points": m.line_points, "noise": noise},
+        {"grad_correlation": corr, "plain_stack": plain, "line_points": m.line_points, "noise": noise,
+         "max_sensitivity": chi},
         (fix, None if plain else "zero_init_gains"),
     )
 
@@ -528,7 +595,9 @@ HC303 = register(Rule(
          "points. Measured at batch 4 and 16: 2-layer ReLU MLPs 0.87, resnet18 0.66-0.82, VGG-16/19-BN "
          "0.41/0.27, deep plain ReLU stacks without norm 0.56-0.88, transformers 0.98; plain BN MLP stacks "
          "of 24-48 layers -0.10 to 0.22 (below 0.1 from batch 8); torchvision resnet50 and Inception-v3 "
-         "at their default init -0.03 (0.80 with zero-initialized last BN gains).",
+         "at their default init -0.03 (0.80 with zero-initialized last BN gains). Those train, so a low "
+         "correlation alone is an info: its severity is at most that of the measured sensitivity χ (HC204's "
+         "`warn_chi`/`error_chi`), the chaos that makes deep plain BN stacks fail.",
     why="In deep plain networks the gradient changes completely between nearby inputs — it looks like white "
         "noise — so gradient steps stop generalizing across examples and training is badly behaved. "
         "Correlation decays like 2^−depth without skips and like 1/√depth with them (measured: plain BN stacks "

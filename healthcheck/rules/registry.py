@@ -90,8 +90,8 @@ def selected(code: str, select: Iterable[str], ignore: Iterable[str]) -> bool:
 
 
 #: what a rule reads, by code group (design.md): HC1xx the graph, HC2xx/HC3xx the init-time probes,
-#: HC4xx training steps (HealthMonitor only)
-STAGES = {"HC1": "structure", "HC2": "probes", "HC3": "probes", "HC4": "training"}
+#: HC4xx training steps (HealthMonitor only), HC5xx the stability measurements (probes.stability)
+STAGES = {"HC1": "structure", "HC2": "probes", "HC3": "probes", "HC4": "training", "HC5": "stability"}
 
 
 def stage(code: str) -> str:
@@ -100,7 +100,8 @@ def stage(code: str) -> str:
 
 def evaluated(context: RuleContext, select: Iterable[str] = ("HC",), ignore: Iterable[str] = ()) -> tuple[str, ...]:
     """The codes `run_rules` evaluates on `context`: selected, and with the data their stage needs."""
-    available = {"structure": True, "probes": context.measurements is not None, "training": context.training is not None}
+    available = {"structure": True, "probes": context.measurements is not None, "training": context.training is not None,
+                 "stability": context.stability is not None}
     return tuple(code for code, rule in sorted(REGISTRY.items())
                  if rule.check is not None and selected(code, select, ignore) and available[stage(code)])
 
@@ -117,7 +118,7 @@ def run_rules(context: RuleContext, select: Iterable[str] = ("HC",), ignore: Ite
 
 
 def all_docs() -> str:
-    from healthcheck.rules import measured, structure, training  # noqa: F401  - registers the rules
+    from healthcheck.rules import measured, optimizer, structure, training  # noqa: F401  - registers the rules
 
     head = "# healthcheck rules\n\nGenerated from the rule registry by `python -m healthcheck.rules`; do not edit.\n\n"
     return head + "\n".join(REGISTRY[c].docs() for c in sorted(REGISTRY))

@@ -278,11 +278,16 @@ def _plain_stack_confirmed(ctx: RuleContext, opt: dict[str, Any]) -> tuple[str, 
     imbalance = max(fit.total, 1 / fit.total) if fit is not None else 1.0
     chi = max((p.sensitivity for p in m.profile if p.sensitivity is not None), default=1.0)
     ranked = [p for p in m.profile if p.directions is not None and p.rank_size > 1]
-    directions = min((p.directions for p in ranked[len(ranked) // 2:]), default=None)
-    dropped = ranked and directions is not None and ranked[0].directions >= 3 * max(directions, 1e-12)
+    worst = min(ranked[len(ranked) // 2:], key=lambda p: p.directions, default=None)
+    directions = worst.directions if worst is not None else None
+    # the measured count is biased low and bounded by the independent draws behind it: a collapse is
+    # measured only when the sampling band's high end (stats.directions_band), the most directions
+    # this sample can hide, is ≤ 2 — as HC203 reads it; a count inside the band is no confirmation
+    band = (worst.directions_band or (directions, directions)) if worst is not None else None
+    dropped = band is not None and ranked[0].directions >= 3 * max(band[1], 1e-12)
     numbers = {"measured_gradient_imbalance": imbalance, "measured_max_sensitivity": chi,
-               "measured_min_directions": directions}
-    if imbalance >= opt["error_total"] or chi >= opt["error_total"] or (dropped and directions <= 2):
+               "measured_min_directions": directions, "measured_directions_band": list(band) if band else None}
+    if imbalance >= opt["error_total"] or chi >= opt["error_total"] or (dropped and band[1] <= 2):
         return "error", numbers
     return "warning", numbers
 
