@@ -74,6 +74,8 @@ def check(model: nn.Module, example_inputs: Any, *, config: Config | None = None
     `[tool.healthcheck]`; healthcheck.probes.stability.OptimizerSpec.parse says what a partial
     setting means). Without one, the report says that stability under the optimizer was not assessed.
     """
+    if not probes and (optimizer is not None or lr is not None or momentum is not None):
+        raise UsageError("optimizer, lr and momentum are for the stability checks, which probes=False skips")
     if optimizer is None or isinstance(optimizer, str):  # a name: a setting like the others
         overrides.update(optimizer=optimizer, lr=lr, momentum=momentum)
     elif lr is not None or momentum is not None:
@@ -158,9 +160,11 @@ def optimizer_spec(model: nn.Module, optimizer: Any, config: Config) -> Optimize
     spec = OptimizerSpec.from_optimizer(optimizer)
     # a scheduler's warm-up starts the lr low (HF's and Lightning's schedulers have set it by the time
     # training begins): stability is decided at the lr the schedule climbs to, its base lr
-    base_lr = optimizer.param_groups[0].get("initial_lr")
-    if isinstance(base_lr, (int, float)) and base_lr > spec.lr:
-        spec = dataclasses.replace(spec, lr=float(base_lr))
+    # (OneCycleLR keeps its peak in the group as `max_lr`; its `initial_lr` is the low start, max_lr/25)
+    group = optimizer.param_groups[0]
+    for base_lr in (group.get("initial_lr"), group.get("max_lr")):
+        if isinstance(base_lr, (int, float)) and not isinstance(base_lr, bool) and base_lr > spec.lr:
+            spec = dataclasses.replace(spec, lr=float(base_lr))
     if not spec.lr > 0 or not math.isfinite(spec.lr):
         raise UsageError(f"optimizer: its learning rate is {spec.lr:g}; stability is judged at the lr training "
                          "reaches: give an optimizer (or a scheduler's initial_lr) with that lr")

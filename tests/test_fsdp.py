@@ -116,3 +116,11 @@ def test_fsdp_example_runs_as_written(tmp_path):
     assert proc.returncode == 0 or "terminate called without an active exception" in proc.stderr, proc.stderr[-3000:]
     assert "step 20" in proc.stdout  # rank 0 prints
     assert len(list((tmp_path / "runs" / "fsdp").glob("events.out.tfevents.*"))) == 1
+
+
+def test_readme_shows_the_fsdp_example_as_it_runs():
+    """The README's FSDP2 block is examples/train_fsdp.py (run by the test above), not a fragment."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    block = readme.split("**FSDP2.**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    example = (EXAMPLES / "train_fsdp.py").read_text().split('"""', 2)[2].lstrip("\n")
+    assert block == example

@@ -175,7 +175,7 @@ def test_without_an_optimizer_every_format_says_once_that_stability_was_not_asse
     given = check(mlp(), torch.randn(8, WIDTH), optimizer="sgd", lr=0.05)
     for fmt in ("text", "markdown", "json"):
         assert NOT_ASSESSED not in render(given, fmt), fmt
-    structure_only = check(mlp(), torch.randn(8, WIDTH), optimizer="sgd", lr=0.05, probes=False)
+    structure_only = check(mlp(), torch.randn(8, WIDTH), probes=False)
     assert structure_only.stability is None and structure_only.to_json()["stability"] is None
 
 

@@ -45,10 +45,11 @@ gates and enter baselines for something that is not a claim about the model.
 from __future__ import annotations
 
 import copy
-import difflib
 import inspect
 import math
+import numbers
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,8 +87,12 @@ def _torch_class(kind: str) -> type | None:
                  if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and name.lower() == kind), None)
 
 
-def _number(value: Any) -> float:
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
+def _number(value: Any, default: float = 0.0) -> float:
+    """A hyper-parameter as a float; `default` for one that is not a number (None, or a tuple such as
+    Adafactor's eps=(None, 1e-3)): the spec keeps what stability depends on, `defaults` the rest."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.item())
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else default
 
 
 @dataclass(frozen=True)
@@ -111,13 +116,16 @@ class OptimizerSpec:
         group = optimizer.param_groups[0]
         kind = type(optimizer).__name__.lower()
         betas = group.get("betas", (0.9, 0.999))
+        if not isinstance(betas, (tuple, list)) or len(betas) < 2:
+            betas = (0.9, 0.999)
         momentum = group.get("momentum", 0.0) if kind not in _ADAM_LIKE else 0.0
         defaults = {k: v for k, v in group.items() if k != "params"}
-        return cls(kind=kind, lr=_number(group["lr"]), momentum=_number(momentum or 0.0),
-                   betas=(_number(betas[0]), _number(betas[1])), weight_decay=_number(group.get("weight_decay", 0.0)),
-                   eps=_number(group.get("eps", 1e-8) or 0.0), nesterov=bool(group.get("nesterov", False)),
+        return cls(kind=kind, lr=_number(group["lr"], math.nan), momentum=_number(momentum),
+                   betas=(_number(betas[0], 0.9), _number(betas[1], 0.999)),
+                   weight_decay=_number(group.get("weight_decay", 0.0)),
+                   eps=_number(group.get("eps", 1e-8), 1e-8), nesterov=bool(group.get("nesterov", False)),
                    optimizer_class=type(optimizer), defaults=defaults,
-                   dampening=_number(group.get("dampening", 0.0) or 0.0))
+                   dampening=_number(group.get("dampening", 0.0)))
 
     @classmethod
     def parse(cls, optimizer: str | None, lr: float | None, momentum: float | None = None) -> OptimizerSpec | None:
@@ -130,19 +138,13 @@ class OptimizerSpec:
             if momentum is not None:
                 raise UsageError("momentum needs a learning rate: give lr (and optimizer) too")
             return None
-        kind = "sgd" if optimizer is None else optimizer
-        if not isinstance(kind, str) or kind.strip().lower() not in OPTIMIZER_NAMES:
-            hint = difflib.get_close_matches(str(kind).strip().lower(), OPTIMIZER_NAMES, n=1)
-            raise UsageError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, not {kind!r}"
-                             + (f" (did you mean {hint[0]}?)" if hint else ""))
-        kind = kind.strip().lower()
+        from healthcheck.config import learning_rate, momentum_value, optimizer_name  # the one set of checks
+
+        kind = optimizer_name("sgd" if optimizer is None else optimizer, "optimizer")
         if lr is None:
             raise UsageError(f"optimizer {kind!r} needs a learning rate: give lr (the peak lr, after warm-up)")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise UsageError(f"lr must be a positive number such as 0.01, not {lr!r}")
-        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                     or not 0 <= momentum < 1):
-            raise UsageError(f"momentum must be a number in [0, 1) such as 0.9, not {momentum!r}")
+        lr = learning_rate(lr, "lr")
+        momentum = None if momentum is None else momentum_value(momentum, "momentum")
         if kind in _ADAM_LIKE:
             beta1 = 0.9 if momentum is None else float(momentum)
             return cls(kind=kind, lr=float(lr), betas=(beta1, 0.999), optimizer_class=_torch_class(kind),
@@ -255,11 +257,26 @@ class Sharpness:
         """The lr at which this sharpness sits at the limit (the limit is ∝ 1/lr)."""
         return self.lr / self.ratio if self.ratio > 0 else float("inf")
 
+    @property
+    def upper(self) -> float:
+        """value + residual: the top of the Ritz interval. Some eigenvalue lies in [value − residual,
+        value + residual] (Kaniel-Paige); when the Ritz value has found the top of the spectrum (the usual
+        case from a random start: measured on the trainability study, 5-10 products agree with an exhaustive
+        Lanczos to within this residual), λ_max ∈ [value, upper]. The residual is the uncertainty of the
+        estimate; no verdict uses the upper end (the lower bound alone never overstates the curvature)."""
+        return self.value + self.residual
+
+    @property
+    def upper_ratio(self) -> float:
+        """upper / limit: the ratio at the top of the Ritz interval."""
+        return self.upper / self.limit if self.limit > 0 and math.isfinite(self.limit) else float("nan")
+
     def to_json(self) -> dict[str, Any]:
         return {"value": self.value, "residual": self.residual, "products": self.products,
                 "converged": self.converged, "preconditioned": self.preconditioned,
                 "limit": _finite_or_none(self.limit), "ratio": _finite_or_none(self.ratio), "lr": self.lr,
                 "stable_lr": _finite_or_none(self.stable_lr), "loss": self.loss,
+                "upper": _finite_or_none(self.upper), "upper_ratio": _finite_or_none(self.upper_ratio),
                 "preconditioner": self.preconditioner}
 
 
@@ -271,9 +288,13 @@ class DeadUnits:
     units: int
     dead_before: int
     dead_after: int
+    # the call's result is the model's output (a final ReLU of a non-negative regression): under the
+    # surrogate loss its units are fitted to random targets, half of them negative, not to data
+    at_output: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"site": self.site, "units": self.units, "dead_before": self.dead_before, "dead_after": self.dead_after}
+        return {"site": self.site, "units": self.units, "dead_before": self.dead_before, "dead_after": self.dead_after,
+                "at_output": self.at_output}
 
 
 @dataclass(frozen=True)
@@ -301,14 +322,24 @@ class Trial:
         finite = [v for v in self.losses if math.isfinite(v)]
         return max(finite) if len(finite) == len(self.losses) else float("inf")
 
+    def _relative(self, value: float) -> float:
+        """`value` on the scale of the start, 1 + (value − start)/|start|: value/start for a positive
+        start, and the same reading for a loss that starts below zero (a Gaussian NLL, a negative
+        log-likelihood of continuous data), where a plain ratio would flip its sign; NaN at start 0."""
+        start = self.loss_start
+        if not math.isfinite(value):
+            return float("inf")
+        return 1 + (value - start) / abs(start) if start != 0 and math.isfinite(start) else float("nan")
+
     @property
     def growth(self) -> float:
         """loss_max / loss_start: how far the loss rose above where it started (≥ 1)."""
-        return self.loss_max / self.loss_start if self.loss_start > 0 else float("nan")
+        return self._relative(self.loss_max)
 
     @property
     def end_ratio(self) -> float:
-        return self.loss_end / self.loss_start if self.loss_start > 0 and math.isfinite(self.loss_end) else float("inf")
+        """loss_end / loss_start (see `_relative` for a start below zero); inf when the loss became NaN/Inf."""
+        return self._relative(self.loss_end)
 
     def dead_counts(self) -> tuple[int, int, int]:
         """(units, dead before, dead after) summed over the activation calls."""
@@ -425,11 +456,16 @@ class _TrainingLoss:
         return F.mse_loss(out.float(), self.targets)
 
 
-def _output_scale(output: Any, weights: torch.Tensor | None, head: str | None) -> OutputScale:
+def _output_scale(output: Any, weights: torch.Tensor | None, head: _HeadWatch) -> OutputScale:
+    """The output's scale at init. Read as class logits (expected loss against ln C) only when the output
+    names them (`.logits`) or is what the last layer with parameters returned: hidden states of a
+    backbone (a residual stream after the last block) have no "uniform guess" to compare with."""
     logits = _logits(output)
+    if logits is not None and not isinstance(getattr(output, "logits", None), torch.Tensor) and not head.made(logits):
+        logits = None
     if logits is None:
         out = _main_output(output).detach().float()
-        return OutputScale("values", None, None, None, None, float(out.square().mean().sqrt()), head)
+        return OutputScale("values", None, None, None, None, float(out.square().mean().sqrt()), head.name)
     flat = logits.detach().reshape(-1, logits.shape[-1]).float()
     per_row = torch.logsumexp(flat, dim=1) - flat.mean(dim=1)  # E over uniform labels of the cross-entropy
     std = flat.std(dim=1) if flat.shape[1] > 1 else torch.zeros(flat.shape[0], device=flat.device)
@@ -440,18 +476,35 @@ def _output_scale(output: Any, weights: torch.Tensor | None, head: str | None) -
         expected, logit_std = (per_row * rows).sum() / rows.sum(), (std * rows).sum() / rows.sum()
     values = torch.stack([expected, logit_std, flat.square().mean().sqrt()]).tolist()  # one host copy
     classes = flat.shape[1]
-    return OutputScale("classes", classes, values[0], math.log(classes), values[1], values[2], head)
+    return OutputScale("classes", classes, values[0], math.log(classes), values[1], values[2], head.name)
+
+
+@dataclass
+class _HeadWatch:
+    """The last module with parameters of its own whose forward ended (the head that sets the output's
+    scale), and the storage of what it returned: an output is class logits only when it is that tensor
+    (or a view of it), not a residual stream or pooled features computed after the last layer."""
+
+    name: str | None = None
+    storage: int | None = None
+
+    def made(self, output: Any) -> bool:
+        return isinstance(output, torch.Tensor) and self.storage is not None and \
+            output.untyped_storage().data_ptr() == self.storage
 
 
 @contextmanager
-def _last_module_with_parameters(model: nn.Module) -> Iterator[list[str]]:
-    """Names of the modules with parameters of their own, in the order their forward ended: the last
-    one is the head that sets the output's scale."""
-    order: list[str] = []
-    handles = [m.register_forward_hook(lambda *_, name=name: order.append(name))
+def _last_module_with_parameters(model: nn.Module) -> Iterator[_HeadWatch]:
+    watch = _HeadWatch()
+
+    def ended(name: str, result: Any) -> None:
+        watch.name = name
+        watch.storage = result.untyped_storage().data_ptr() if isinstance(result, torch.Tensor) else None
+
+    handles = [m.register_forward_hook(lambda _m, _i, result, name=name: ended(name, result))
                for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
     try:
-        yield order
+        yield watch
     finally:
         for handle in handles:
             handle.remove()
@@ -534,7 +587,7 @@ def _sharpness(model: nn.Module, args: tuple, kwargs: dict[str, Any], spec: Opti
     optimizer's bias-corrected second moment v̂ (from the trial steps) for the preconditioner; without
     them (or for a parameter it lacks), v̂ = g², Adam's after its first step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    torch.manual_seed(seed)  # the same dropout masks as the trial's first step
+    _seed(model, seed)  # the same dropout masks as the trial's first step
     # the fused attention kernels (flash, memory-efficient) have no double backward; the math one has
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         output = model(*copy_inputs(args), **copy_inputs(kwargs))
@@ -589,16 +642,36 @@ class _ActivationWatch(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.dead: list[tuple[str, torch.Tensor]] = []  # (site, bool mask of dead units)
+        self._results: list[Any] = []  # weak references to each watched call's result
+        self.output_calls: set[int] = set()  # indices of the calls whose result is the model's output
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         entry = _DYING.get(func)
-        if entry is not None and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+        watched = entry is not None and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2
+        if watched:
             x = args[0].detach()
             unit_dim = x.dim() - 1 if x.dim() == 3 else 1
             active = (x > entry[1]).transpose(0, unit_dim).reshape(x.shape[unit_dim], -1).any(dim=1)
             self.dead.append((f"{entry[0]}#{len(self.dead)}", ~active))
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if watched:
+            self._results.append(weakref.ref(result) if isinstance(result, torch.Tensor) else lambda: None)
+        return result
+
+    def mark_output(self, output: Any) -> None:
+        """Note which calls made the model's output (the same tensor, or a view of its storage)."""
+        main = first_float(tensors_of(output))
+        if main is None:
+            return
+        try:
+            where = main.untyped_storage().data_ptr()
+            for index, ref in enumerate(self._results):
+                result = ref()
+                if result is not None and (result is main or result.untyped_storage().data_ptr() == where):
+                    self.output_calls.add(index)
+        except (RuntimeError, NotImplementedError):  # a tensor without plain storage (sparse, subclasses)
+            pass
 
 
 def _update_ratios(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -638,12 +711,13 @@ def _trial(model: nn.Module, args: tuple, kwargs: dict[str, Any], spec: Optimize
     watch_before = _ActivationWatch()
     taken = steps
     for step in range(steps):
-        torch.manual_seed(seed + step)  # dropout masks: seeded, reproducible
+        _seed(model, seed + step)  # dropout masks: seeded, reproducible
         optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
             if step == 0:
                 with watch_before:
                     output = model(*copy_inputs(args), **copy_inputs(kwargs))
+                watch_before.mark_output(output)
             else:
                 output = model(*copy_inputs(args), **copy_inputs(kwargs))
             value = loss(output)
@@ -658,7 +732,7 @@ def _trial(model: nn.Module, args: tuple, kwargs: dict[str, Any], spec: Optimize
             first_ratios = _update_ratios(model, start)
     else:
         watch_after = _ActivationWatch()
-        torch.manual_seed(seed + steps)
+        _seed(model, seed + steps)
         with torch.no_grad(), watch_after:
             output = model(*copy_inputs(args), **copy_inputs(kwargs))
             losses.append(loss(output).detach().float())
@@ -680,8 +754,8 @@ def _trial(model: nn.Module, args: tuple, kwargs: dict[str, Any], spec: Optimize
     if finished and len(watch_before.dead) == len(watch_after.dead):
         counts = torch.stack([torch.stack([m.sum(), a.sum()]) for (_, m), (_, a) in
                               zip(watch_before.dead, watch_after.dead)]).tolist() if watch_before.dead else []
-        dead = [DeadUnits(site, int(mask.numel()), int(b), int(a))
-                for (site, mask), (b, a) in zip(watch_before.dead, counts)]
+        dead = [DeadUnits(site, int(mask.numel()), int(b), int(a), i in watch_before.output_calls)
+                for i, ((site, mask), (b, a)) in enumerate(zip(watch_before.dead, counts))]
     return Trial(taken, loss_values, non_finite, first, total, tuple(dead), loss.kind)
 
 
@@ -722,6 +796,15 @@ def _devices(model: nn.Module) -> list[int]:
     return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
+def _seed(model: nn.Module, seed: int) -> None:
+    """Seed the generators `assess_stability`'s fork_rng restores (the CPU's, the model's CUDA devices'),
+    not torch.manual_seed: that seeds every CUDA device, or queues a lazy seed that a later CUDA
+    initialization would apply to the user's generators."""
+    torch.default_generator.manual_seed(seed)
+    for index in _devices(model):
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
 def assess_stability(model: nn.Module, args: tuple, kwargs: dict[str, Any], spec: OptimizerSpec | None, *,
                      seed: int = 0, loss_fn: Callable[[Any], torch.Tensor] | None = None,
                      trial_steps: int = TRIAL_STEPS) -> Stability:
@@ -739,10 +822,10 @@ def assess_stability(model: nn.Module, args: tuple, kwargs: dict[str, Any], spec
         weights = position_weights(twin, args, kwargs)
         loss = _TrainingLoss(loss_fn, weights, seed)
         try:
-            torch.manual_seed(seed)
-            with torch.no_grad(), _last_module_with_parameters(twin) as order:
+            _seed(twin, seed)
+            with torch.no_grad(), _last_module_with_parameters(twin) as head:
                 output = twin(*copy_inputs(args), **copy_inputs(kwargs))
-            output_scale = _output_scale(output, weights, order[-1] if order else None)
+            output_scale = _output_scale(output, weights, head)
         except torch.OutOfMemoryError:
             skipped["output"] = "out of memory"
         except Exception as exc:  # noqa: BLE001 - reported, the rest stands

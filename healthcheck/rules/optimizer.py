@@ -182,15 +182,21 @@ def _hc503(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     if s is None or s.trial is None or s.optimizer is None or not s.trial.dead:
         return
     trial, spec = s.trial, s.optimizer
-    units, before, after = trial.dead_counts()
+    # an activation that makes the output is fitted to the surrogate's random targets (half of them
+    # negative for MSE), not to data: a final ReLU that turns off there says nothing about the model
+    sites = [d for d in trial.dead if not (d.at_output and trial.loss in ("mse", "cross_entropy"))]
+    if not sites:
+        return
+    units, before, after = (sum(d.units for d in sites), sum(d.dead_before for d in sites),
+                            sum(d.dead_after for d in sites))
     newly = (after - before) / units if units else 0.0
-    layers_killed = [d for d in trial.dead if d.units and d.dead_after == d.units and d.dead_before < d.units]
+    layers_killed = [d for d in sites if d.units and d.dead_after == d.units and d.dead_before < d.units]
     severity = severity_at(newly, opt["warn_fraction"], opt["error_fraction"])
     if layers_killed:
         severity = "error"  # a layer whose every unit is off passes no signal and no gradient
     if severity is None:
         return
-    worst = max(trial.dead, key=lambda d: (d.dead_after - d.dead_before) / max(d.units, 1))
+    worst = max(sites, key=lambda d: (d.dead_after - d.dead_before) / max(d.units, 1))
     killed = f"; every unit of {len(layers_killed)} activation call(s) is off" if layers_killed else ""
     yield HC503.finding(
         severity,
@@ -200,7 +206,7 @@ def _hc503(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
         "come back",
         Location("(root)"),
         {"units": units, "dead_before": before, "dead_after": after, "newly_dead_fraction": newly,
-         "layers_killed": [d.site for d in layers_killed], "sites": [d.to_json() for d in trial.dead]},
+         "layers_killed": [d.site for d in layers_killed], "sites": [d.to_json() for d in sites]},
         ("lower the learning rate or add a warm-up (large early steps push pre-activations negative); "
          "normalization before the activation, or a leaky activation, keeps units alive", None),
     )
@@ -238,9 +244,12 @@ def _hc504(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     if s is None or s.output is None or s.output.excess is None:
         return
     out = s.output
-    severity = severity_at(out.excess, opt["warn_excess"], opt["error_excess"])
+    # below error_excess the outcome is a coin toss (measured: 13 of 18 such runs trained), so the
+    # finding is info: worth knowing, not a claim that training fails
+    severity = severity_at(out.excess, opt["info_excess"], opt["error_excess"])
     if severity is None:
         return
+    severity = "info" if severity == "warning" else severity
     head = out.head or "the output layer"
     trial = s.trial
     recovered = trial is not None and trial.non_finite_at is None and trial.end_ratio <= opt["recovered_end_ratio"]
@@ -268,11 +277,13 @@ HC504 = register(Rule(
          "`.logits`), computes on the example batch at init the cross-entropy that uniformly random "
          "labels would give, E_y[logsumexp(z) − z_y] = logsumexp(z) − mean(z) (masked and pad positions "
          "left out), and compares it with ln C, the loss of a uniform guess, which a healthy init is close to "
-         "(it is ln C + σ²/2 for small logits of s.d. σ). Reports when the ratio reaches `warn_excess` "
-         "(warning) or `error_excess` (error). Needs no optimizer; with one, an error becomes a warning when "
+         "(it is ln C + σ²/2 for small logits of s.d. σ). Reports when the ratio reaches `info_excess` "
+         "(info) or `error_excess` (error). Needs no optimizer; with one, an error becomes a warning when "
          "HC502's trial steps recover from it: the loss stayed finite and ended at `recovered_end_ratio` of "
-         "its start or less. Measured: heads 30× too large (ratio 4-14) trained in about half the runs, so "
-         "they are warnings; outputs ≥ 20× the uniform loss failed every time.",
+         "its start or less. Only an output that names its logits (`.logits`) or is what the last layer "
+         "with parameters returned is read as logits: a backbone's hidden states are not. Measured on the "
+         "trainability benchmark (recipe v2): heads 30× too large (ratio 4–14) trained in 13 of 18 runs, "
+         "so below `error_excess` the finding is info; outputs ≥ 20× the uniform loss failed every time.",
     why="Logits many times larger than O(1) make the model confidently wrong on most examples: the initial "
         "loss is 9–116 instead of ln 10 ≈ 2.3, the first updates are dominated by shrinking the head, and "
         "saturated softmax gradients drive units and normalization statistics far from where they "
@@ -291,6 +302,6 @@ nn.init.zeros_(head.weight); nn.init.zeros_(head.bias)   # initial loss = ln 10
 """,
     fix_summary="Zero-init the output layer or scale its init down",
     transform=None, fix_safety="unsafe",
-    options={"warn_excess": 2.0, "error_excess": 20.0, "recovered_end_ratio": 0.5},
+    options={"info_excess": 2.0, "error_excess": 20.0, "recovered_end_ratio": 0.5},
     check=_hc504,
 ))
