@@ -114,3 +114,25 @@ def test_an_optimizer_with_probes_off_is_a_usage_error_as_on_the_command_line():
     model = nn.Linear(4, 2)
     with pytest.raises(UsageError, match="probes=False"):
         check(model, torch.randn(8, 4), optimizer="sgd", lr=0.1, probes=False)
+
+
+def test_measured_in_place_the_numbers_equal_the_copys_and_the_model_comes_back():
+    # on a GPU (and for models that cannot be deep-copied) the trial steps run on the model itself and
+    # its state is put back from a host copy: the numbers must equal those measured on a copy
+    import copy
+    import threading
+
+    from healthcheck.probes.stability import assess_stability
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(16, 16)
+    spec = OptimizerSpec.parse("sgd", 0.5, 0.9)
+    copied = assess_stability(model, (x,), {}, spec)
+    state = copy.deepcopy(model.state_dict())
+    model.lock = threading.Lock()  # deepcopy refuses: the in-place path
+    in_place = assess_stability(model, (x,), {}, spec)
+    assert "copy" in in_place.skipped and "copy" not in copied.skipped
+    assert in_place.trial.losses == copied.trial.losses
+    assert in_place.sharpness.value == pytest.approx(copied.sharpness.value, rel=1e-5)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

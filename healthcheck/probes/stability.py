@@ -763,8 +763,13 @@ def _trial(model: nn.Module, args: tuple, kwargs: dict[str, Any], spec: Optimize
 
 @contextmanager
 def _working_copy(model: nn.Module, skipped: dict[str, str]) -> Iterator[nn.Module]:
-    """A deep copy to measure and step on; when the model cannot be copied, the model itself with its
-    state restored on exit (healthcheck.guard.preserved)."""
+    """A deep copy to measure and step on; on an accelerator, or when the model cannot be copied, the
+    model itself, its state restored on exit from a host copy (healthcheck.guard.preserved): a second
+    copy on the GPU would double the memory training needs (the callbacks run this at train begin)."""
+    if any(p.device.type not in ("cpu", "meta") for p in model.parameters()):
+        with preserved(model):
+            yield model
+        return
     try:
         twin = copy.deepcopy(model)
     except Exception as exc:  # noqa: BLE001 - some models hold uncopyable handles

@@ -123,7 +123,7 @@ def _hc502(ctx: RuleContext, opt: dict[str, Any]) -> Iterator[Finding]:
     evidence.pop("total_update_ratios", None)
     advised = None
     if s.sharpness is not None and math.isfinite(s.sharpness.stable_lr):
-        advised = min(spec.lr, s.sharpness.stable_lr) * 0.5
+        advised = min(spec.lr, s.sharpness.stable_lr) * opt["margin"]  # as HC501's advice
     lower = f"lower lr to ≈ {_lr_text(advised)}" if advised and advised < spec.lr else "lower the learning rate"
     fix = (f"{lower}, or add a warm-up; check the output scale and the init of the last layers", None)
     if trial.non_finite_at is not None:
@@ -157,7 +157,8 @@ HC502 = register(Rule(
          "on the fixed example batch and the training loss (as HC501), and reads the loss at every step. "
          "An error when the loss or the weights become NaN/Inf, or when the loss after the last step is "
          "`error_end_ratio`× its start or more (on one fixed batch a healthy step size only lowers it); a "
-         "warning when it rose `warn_growth`× above its start on the way and came back.",
+         "warning when it rose `warn_growth`× above its start on the way and came back. The lr it advises "
+         "is `margin`× the lower of the given lr and HC501's stable lr.",
     why="Repeating one batch is the easiest problem the optimizer will see: if the loss cannot go down "
         "there, the real run with fresh batches (and the curvature that grows during training) will not "
         "either. The trial measures what HC501 predicts, including everything the quadratic model leaves "
@@ -173,7 +174,7 @@ report = check(model, x, optimizer=torch.optim.SGD(model.parameters(), lr=0.01, 
 """,
     fix_summary="Lower the learning rate, add a warm-up, or scale down the output layer's init",
     transform=None, fix_safety="safe",
-    options={"error_end_ratio": 3.0, "warn_growth": 3.0}, check=_hc502,
+    options={"error_end_ratio": 3.0, "warn_growth": 3.0, "margin": 0.5}, check=_hc502,
 ))
 
 
