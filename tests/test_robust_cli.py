@@ -414,19 +414,41 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     started = tmp_path / "started"
     path = model_file(tmp_path, f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\ntime.sleep(120)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "healthcheck", str(path), "--no-probes"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the CLI's own exit is what is tested: its output goes to a file, so a process that outlives it
+    # holding a pipe cannot hold up the wait (that would be listed in the failure message)
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "healthcheck", str(path), "--no-probes"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     try:
         deadline = time.monotonic() + 180
         while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
-        assert started.exists(), proc.stderr.read() if proc.poll() is not None else "model never imported"
+        assert started.exists(), errors.read_text() if proc.poll() is not None else "model never imported"
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit 60 s after SIGINT; processes: {_process_tree(proc.pid)}; "
+                                 f"stderr: {errors.read_text()[-2000:]}") from None
     finally:
         proc.kill()
     assert proc.returncode == 130
-    assert [line for line in err.splitlines() if line.strip()] == ["healthcheck: interrupted"]
+    assert [line for line in errors.read_text().splitlines() if line.strip()] == ["healthcheck: interrupted"]
+
+
+def _process_tree(pid: int) -> str:
+    """`pid` and its children with their state and what they wait in (Linux /proc), for a failure message."""
+    lines = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if entry.name == str(pid) or fields[1] == str(pid):
+                wchan = (entry / "wchan").read_text()
+                lines.append(f"{entry.name} state {fields[0]} ppid {fields[1]} wchan {wchan}")
+        except (OSError, IndexError):
+            continue
+    return "; ".join(lines) or "none left"
 
 
 def test_in_process_cli_after_multithreaded_torch_work_does_not_hang(tmp_path):
