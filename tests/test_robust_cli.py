@@ -418,8 +418,11 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     # holding a pipe cannot hold up the wait (that would be listed in the failure message)
     errors = tmp_path / "stderr.txt"
     with errors.open("w") as stderr:
+        # as from a terminal: a test run started in the background of a script (`pytest &`, CI runners)
+        # passes SIGINT down ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
         proc = subprocess.Popen([sys.executable, "-m", "healthcheck", str(path), "--no-probes"], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180
         while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
