@@ -74,29 +74,13 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 # -- models -----------------------------------------------------------------------------------------
 
-class MLP(nn.Module):
-    """Plain MLP on the 64 pixels: `depth` hidden layers, optional LayerNorm before each activation,
-    He (`he`) or PyTorch's default init, the head's weights scaled by `head_gain`."""
+def MLP(depth: int, width: int = 64, act: str = "relu", norm: bool = False, init: str = "he",  # noqa: N802
+        head_gain: float = 1.0) -> nn.Module:
+    """The study's plain MLP (benchmarks/trainability/study.py), LayerNorm before each activation when
+    `norm`: one definition for both studies (same parameters drawn in the same order)."""
+    from study import MLP as StudyMLP
 
-    def __init__(self, depth: int, width: int = 64, act: str = "relu", norm: bool = False, init: str = "he",
-                 head_gain: float = 1.0) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        fan_in = 64
-        for _ in range(depth):
-            linear = nn.Linear(fan_in, width)
-            if init == "he":
-                nn.init.kaiming_normal_(linear.weight, nonlinearity="relu" if act == "relu" else "tanh")
-                nn.init.zeros_(linear.bias)
-            layers += [linear, *([nn.LayerNorm(width)] if norm else []), nn.ReLU() if act == "relu" else nn.Tanh()]
-            fan_in = width
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(fan_in, 10)
-        with torch.no_grad():
-            self.head.weight.mul_(head_gain)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+    return StudyMLP(depth, width, act=act, init=init, norm="ln" if norm else "none", head_gain=head_gain)
 
 
 class Block(nn.Module):
